@@ -1,0 +1,213 @@
+"""The activation metric A(s, w) = |w * df(s)/dw| (METHOD.md section 1), batched and exact.
+
+The paper scores a weight w on a sample s by the first-order Taylor importance of w for the
+objective f(s) (default: the largest logit at the sample's last token). Computing it one
+backward per sample on a model whose every parameter requires grad is slow; here a batch of
+samples is scored in one forward+backward:
+
+* Only activations require grad: the weights, the embeddings and the LM head never get a
+  ``.grad`` (with tied embeddings that alone saves a vocab x hidden matrix per step).
+* A linear layer y = x W^T has weight gradient sum_t g_t x_t^T. The batch objective is a sum of
+  per-sample terms that do not interact, so the *per-sample* weight gradient of sample b is
+  G_b = sum_t g_{b,t} x_{b,t}^T over that sample's own tokens. Hooks capture x on the forward
+  pass and g on the backward pass and form G_b with one batched matmul.
+* A_b = |W| * |G_b| in float32, whatever the model's dtype, is handed to *sinks* (mean
+  accumulator, pair similarity, ...) and dropped: nothing the size of the model is kept per
+  sample.
+
+Summing the objectives of a batch and then taking |grad * w| would be wrong (|sum| != sum |.|);
+the tests compare this module with a plain per-sample autograd loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from .models import ScoredMatrix, scored_matrices
+
+# --------------------------------------------------------------------------- objectives
+
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register_objective(name: str):
+    def wrap(fn: Objective) -> Objective:
+        OBJECTIVES[name] = fn
+        return fn
+
+    return wrap
+
+
+def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each sample's last real token (right padding)."""
+    return attention_mask.long().sum(1) - 1
+
+
+@register_objective("max-logit")
+def max_logit(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """f(s) = max over the vocabulary of the logits at the sample's own last real token.
+
+    Returns one value per sample. Only the needed positions are projected onto the vocabulary.
+    """
+    last = last_positions(attention_mask)
+    keep, where = torch.unique(last, return_inverse=True)
+    out = model(
+        input_ids=None if inputs_embeds is not None else input_ids,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        logits_to_keep=keep,
+        use_cache=False,
+    )
+    logits = out.logits[torch.arange(len(last), device=last.device), where]
+    return logits.float().max(dim=-1).values
+
+
+@register_objective("nll")
+def mean_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """f(s) = mean next-token negative log-likelihood over the sample's real tokens."""
+    out = model(
+        input_ids=None if inputs_embeds is not None else input_ids,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        use_cache=False,
+    )
+    logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
+    target = input_ids[:, 1:]
+    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    mask = attention_mask[:, 1:].float()
+    return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def get_objective(name: str) -> Objective:
+    from .errors import UserError
+
+    if name not in OBJECTIVES:
+        raise UserError(f"unknown objective '{name}': use one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
+# --------------------------------------------------------------------------- batched scoring
+
+
+class Sink(Protocol):
+    """Receives per-sample activations of one matrix: ``acts`` is (B, out, in) float32."""
+
+    def add(self, matrix: ScoredMatrix, acts: torch.Tensor) -> None: ...
+
+
+class MeanAccumulator:
+    """Running sum of A(s, w) over samples, in float32; ``mean()`` is the dataset's map."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0  # samples seen
+
+    def end_batch(self, n: int) -> None:
+        self.count += n
+
+    def add(self, matrix: ScoredMatrix, acts: torch.Tensor) -> None:
+        s = acts.sum(0)
+        if matrix.name in self.sums:
+            self.sums[matrix.name] += s
+        else:
+            self.sums[matrix.name] = s.clone()
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        return {k: (v / max(self.count, 1)).cpu() for k, v in self.sums.items()}
+
+
+class _Hooks:
+    """Forward/backward hooks on the scored matrices that form per-sample |W| * |G_b|."""
+
+    def __init__(self, matrices: list[ScoredMatrix], sinks: list[Sink]):
+        self.matrices = matrices
+        self.sinks = sinks
+        self.token_mask: torch.Tensor | None = None  # (B, T) float, set per batch
+        self.handles: list = []
+
+    def __enter__(self):
+        for m in self.matrices:
+            self.handles.append(m.module.register_forward_hook(self._forward(m)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _forward(self, m: ScoredMatrix):
+        def hook(module, inputs, output):
+            if not output.requires_grad:
+                return
+            x = inputs[0].detach()
+
+            def on_grad(g: torch.Tensor) -> None:
+                self._emit(m, x, g)
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    def _emit(self, m: ScoredMatrix, x: torch.Tensor, g: torch.Tensor) -> None:
+        # per-sample weight gradient, (B, out, in): sum over the sample's own tokens of g x^T
+        batch, tokens = self.token_mask.shape
+        x = x.reshape(batch, tokens, -1).float() * self.token_mask.unsqueeze(-1)
+        g = g.reshape(batch, tokens, -1).float()
+        grad = torch.bmm(g.transpose(1, 2), x)
+        acts = grad.abs_().mul_(m.weight.detach().float().abs().unsqueeze(0))
+        if m.transposed:  # GPT-2 Conv1D stores its weight (in, out): keep the stored layout
+            acts = acts.transpose(1, 2)
+        for sink in self.sinks:
+            sink.add(m, acts)
+
+
+def score_batch(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    sinks: list[Sink],
+    objective: str | Objective = "max-logit",
+    matrices: list[ScoredMatrix] | None = None,
+) -> torch.Tensor:
+    """Score one right-padded batch; every sink receives each matrix's per-sample activations.
+
+    Returns the objective values (one per sample). The model's parameters are left untouched
+    (no ``.grad`` is created on any of them).
+    """
+    fn = get_objective(objective) if isinstance(objective, str) else objective
+    matrices = matrices if matrices is not None else scored_matrices(model)
+    params = list(model.parameters())
+    saved = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        with _Hooks(matrices, sinks) as hooks, torch.enable_grad():
+            hooks.token_mask = attention_mask.to(torch.float32)
+            embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+            values = fn(model, input_ids, attention_mask, inputs_embeds=embeds)
+            values.sum().backward()
+    finally:
+        for p, r in zip(params, saved):
+            p.requires_grad_(r)
+    for sink in sinks:
+        if hasattr(sink, "end_batch"):
+            sink.end_batch(input_ids.shape[0])
+    return values.detach()
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int, device=None):
+    """Right-pad token lists into (input_ids, attention_mask)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)

