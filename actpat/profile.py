@@ -1,0 +1,197 @@
+"""Profiles: a dataset's mean activation map per scored matrix, counts at gamma, save/load.
+
+On disk a profile is a run directory holding
+  * ``profile.safetensors``: one float32 tensor per scored matrix, keyed by the module's name
+    in the model (``model.layers.0.self_attn.q_proj``), shaped like its weight;
+  * ``summary.json``: model, dataset, split, data source, samples, seq len, objective, seed,
+    tokens scored, wall time, package versions, and the layer / matrix type of every key.
+
+``counts`` turns a map into the paper's N_i: weights whose mean activation exceeds gamma, per
+decoder layer and per matrix type. gamma is absolute (``gamma``) or set so that a given fraction
+of all scored weights lies above it (``gamma_quantile``), which transfers across model sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .errors import UserError
+from .metric import MeanAccumulator, pad_batch, score_batch
+from .models import LoadedModel, scored_matrices
+
+PROFILE_FILE = "profile.safetensors"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class Profile:
+    maps: dict[str, torch.Tensor]  # module name -> mean A(s, w), float32, weight's shape
+    layers: dict[str, int]  # module name -> decoder layer index
+    matrices: dict[str, str]  # module name -> canonical matrix type (q, k, v, o, gate, up, down)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return max(self.layers.values()) + 1
+
+    @property
+    def matrix_types(self) -> list[str]:
+        return list(dict.fromkeys(self.matrices[k] for k in self.maps))
+
+    def layer_vector(self, layer: int) -> torch.Tensor:
+        """The layer's scored matrices flattened and concatenated, in canonical order."""
+        return torch.cat([v.flatten() for k, v in self.maps.items() if self.layers[k] == layer])
+
+    def save(self, run_dir: str | Path) -> None:
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        modules = [{"name": k, "layer": self.layers[k], "matrix": self.matrices[k],
+                    "shape": list(v.shape)} for k, v in self.maps.items()]
+        summary = dict(self.meta, modules=modules)
+        tmp = run_dir / (PROFILE_FILE + ".tmp")
+        save_file({k: v.contiguous() for k, v in self.maps.items()}, str(tmp),
+                  metadata={"format": "actpat-profile", "version": __version__})
+        tmp.replace(run_dir / PROFILE_FILE)  # never a half-written profile under the real name
+        write_json(run_dir / SUMMARY_FILE, summary)
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "Profile":
+        run_dir = Path(run_dir)
+        if not (run_dir / PROFILE_FILE).exists():
+            raise UserError(f"{run_dir} holds no {PROFILE_FILE}; run `actpat profile --out "
+                            f"{run_dir}` first")
+        try:
+            maps = load_file(str(run_dir / PROFILE_FILE))
+            summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{run_dir / PROFILE_FILE} is corrupt or truncated ({e}); "
+                            "re-run `actpat profile` for it") from None
+        modules = summary.pop("modules")
+        order = [m["name"] for m in modules]
+        if set(order) != set(maps):
+            raise UserError(f"{run_dir}: profile tensors and {SUMMARY_FILE} disagree; "
+                            "re-run `actpat profile` for it")
+        return cls({k: maps[k] for k in order}, {m["name"]: m["layer"] for m in modules},
+                   {m["name"]: m["matrix"] for m in modules}, summary)
+
+
+def write_json(path: str | Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def versions() -> dict:
+    import transformers
+
+    return {"actpat": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+# --------------------------------------------------------------------------- computing
+
+
+def compute_profile(
+    lm: LoadedModel,
+    sequences: list[list[int]],
+    batch_size: int = 4,
+    objective: str = "max-logit",
+    meta: dict | None = None,
+    progress: bool = True,
+) -> Profile:
+    """Mean activation map of ``sequences`` (right-padded batches, exact per-sample metric)."""
+    from tqdm.auto import tqdm
+
+    model = lm.model
+    device = next(model.parameters()).device
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    mats = scored_matrices(model)
+    acc = MeanAccumulator()
+    start = time.perf_counter()
+    tokens = 0
+    bar = tqdm(total=len(sequences), desc="profiling", unit="sample", disable=not progress)
+    for i in range(0, len(sequences), batch_size):
+        chunk = sequences[i:i + batch_size]
+        ids, mask = pad_batch(chunk, pad, device)
+        values = score_batch(model, ids, mask, [acc], objective, mats)
+        if not torch.isfinite(values).all():
+            raise UserError("the objective is not finite (overflow?); use --dtype float32")
+        tokens += int(mask.sum())
+        bar.update(len(chunk))
+    bar.close()
+    maps = acc.mean()
+    for name, t in maps.items():
+        if not torch.isfinite(t).all():
+            raise UserError(f"non-finite activations in {name} (overflow in the model's dtype?); "
+                            "use --dtype float32")
+    info = dict(meta or {})
+    info.update(objective=objective, samples=len(sequences), tokens_scored=tokens,
+                batch_size=batch_size, wall_time_s=round(time.perf_counter() - start, 3),
+                versions=versions())
+    return Profile(maps, {m.name: m.layer for m in mats}, {m.name: m.matrix for m in mats}, info)
+
+
+# --------------------------------------------------------------------------- counts
+
+
+@dataclass
+class Counts:
+    """The paper's N_i: activated weights (mean A > gamma) per layer and per matrix type."""
+
+    gamma: float
+    gamma_rule: str  # "absolute" or "quantile=<Q>"
+    layer_counts: list[int]
+    matrix_counts: dict[str, list[int]]
+    scored_per_layer: list[int]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def threshold(profile: Profile, gamma: float | None = None,
+              gamma_quantile: float | None = None) -> tuple[float, str]:
+    """gamma itself, or the value with a fraction ``gamma_quantile`` of all weights above it."""
+    if (gamma is None) == (gamma_quantile is None):
+        raise UserError("give exactly one of --gamma or --gamma-quantile")
+    if gamma is not None:
+        if gamma < 0:
+            raise UserError(f"--gamma must be >= 0 (got {gamma})")
+        return float(gamma), "absolute"
+    if not 0 < gamma_quantile < 1:
+        raise UserError(f"--gamma-quantile must be in (0, 1) (got {gamma_quantile})")
+    values = torch.cat([v.flatten() for v in profile.maps.values()])
+    rule = f"quantile={gamma_quantile}"
+    if values.numel() > 200_000_000:  # estimate on a fixed subsample for very large models
+        gen = torch.Generator().manual_seed(0)
+        values = values[torch.randint(values.numel(), (50_000_000,), generator=gen)]
+        rule += " (estimated on 5e7 sampled weights)"
+    k = values.numel() - int(round(gamma_quantile * values.numel()))
+    k = min(max(k, 1), values.numel())
+    return float(values.kthvalue(k).values), rule
+
+
+def counts(profile: Profile, gamma: float | None = None,
+           gamma_quantile: float | None = None) -> Counts:
+    g, rule = threshold(profile, gamma, gamma_quantile)
+    n_layers = profile.num_layers
+    layer_counts = [0] * n_layers
+    scored = [0] * n_layers
+    per_matrix = {t: [0] * n_layers for t in profile.matrix_types}
+    for name, v in profile.maps.items():
+        i, t = profile.layers[name], profile.matrices[name]
+        c = int((v > g).sum())
+        layer_counts[i] += c
+        per_matrix[t][i] += c
+        scored[i] += v.numel()
+    return Counts(g, rule, layer_counts, per_matrix, scored)

@@ -1,0 +1,26 @@
+"""Run directories: refuse to overwrite foreign content, and small shared helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import UserError
+
+
+def prepare_out_dir(path: str | Path, overwrite: bool = False, owned: tuple[str, ...] = ()) -> Path:
+    """Create ``path``; refuse when it holds files other than ``owned`` unless ``overwrite``.
+
+    Files named in ``owned`` (this command's own outputs and checkpoints) may be there: a re-run
+    or a resumed run writes over them.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file; give a directory")
+    if path.exists() and not overwrite:
+        foreign = [p.name for p in path.iterdir() if p.name not in owned]
+        if foreign:
+            raise UserError(f"--out {path} already holds other files ({', '.join(sorted(foreign)[:3])}"
+                            f"{', ...' if len(foreign) > 3 else ''}); choose a new directory or "
+                            "pass --overwrite")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
