@@ -31,3 +31,102 @@ def plot_layer_counts(results: list[dict], path, title: str | None = None) -> No
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     _save(fig, path)
+
+
+# --------------------------------------------------------------------------- similarity (issue 3)
+
+
+def plot_similarity_boxes(comparisons: list[dict], path, title: str | None = None) -> None:
+    """Figures 2-5 style: per layer, a box of pair similarities for each comparison."""
+    import numpy as np
+
+    n = len(comparisons)
+    layers = len(comparisons[0]["per_pair"][0])
+    fig, ax = plt.subplots(figsize=(max(7, layers * 0.35 * max(1, n)), 4))
+    width = 0.8 / n
+    for c, comp in enumerate(comparisons):
+        data = np.array(comp["per_pair"], dtype=float)
+        pos = np.arange(layers) + (c - (n - 1) / 2) * width
+        cols = [d[np.isfinite(d)] for d in data.T]
+        bp = ax.boxplot(cols, positions=pos, widths=width * 0.9, patch_artist=True,
+                        showfliers=False, manage_ticks=False)
+        color = f"C{c}"
+        for box in bp["boxes"]:
+            box.set(facecolor=color, alpha=0.5)
+        a, b = comp["datasets"]
+        ax.plot([], [], color=color, lw=6, alpha=0.5,
+                label=f"{a} (within)" if comp["kind"] == "within" else f"{a} × {b}")
+    ax.set_xticks(range(layers))
+    ax.set_xticklabels([str(i) for i in range(layers)], fontsize=7)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("activation-pattern similarity")
+    ax.set_title(title or "Pair similarity per layer", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    _save(fig, path)
+
+
+def plot_similarity_medians(comparisons: list[dict], path, title: str | None = None) -> None:
+    """Median pair similarity per layer, one line per comparison (within solid, cross dashed)."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for c, comp in enumerate(comparisons):
+        med = [float("nan") if v is None else v for v in comp["summary"]["median"]]
+        a, b = comp["datasets"]
+        within = comp["kind"] == "within"
+        ax.plot(range(len(med)), med, ls="-" if within else "--", marker="o" if within else None,
+                ms=3, color=f"C{c % 10}", label=f"{a} (within)" if within else f"{a} × {b}")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("median pair similarity")
+    ax.set_title(title or "Within- (solid) vs cross-domain (dashed) similarity", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_relatedness(names: list[str], matrix, path, title: str | None = None) -> None:
+    """Figure 6 style: dataset x dataset similarity heatmap."""
+    import numpy as np
+
+    m = np.asarray(matrix, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(names), 0.8 + 0.65 * len(names)))
+    off = m[~np.eye(len(m), dtype=bool)]
+    im = ax.imshow(m, cmap="viridis", vmin=float(off.min()) if off.size else 0, vmax=1)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=8)
+    for i in range(len(m)):
+        for j in range(len(m)):
+            ax.text(j, i, f"{m[i, j]:.3f}", ha="center", va="center", fontsize=6,
+                    color="white" if m[i, j] < (off.min() + 1) / 2 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title(title or "Dataset similarity", fontsize=9)
+    _save(fig, path)
+
+
+def plot_sts_layers(result: dict, path, title: str | None = None) -> None:
+    """Spearman rho per layer: activation similarity (with bootstrap band) and the baselines."""
+    import numpy as np
+
+    def arr(v):
+        return np.array([np.nan if x is None else x for x in v], dtype=float)
+
+    rho = arr(result["per_layer_spearman"])
+    ci = np.array([[np.nan if x is None else x for x in c] for c in result["per_layer_ci"]])
+    x = np.arange(len(rho))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(x, rho, marker="o", ms=3, color="C0", label="parameter activation")
+    ax.fill_between(x, ci[:, 0], ci[:, 1], color="C0", alpha=0.2)
+    for k, (name, vals) in enumerate(result.get("baselines", {}).items()):
+        ax.plot(x, arr(vals), marker=".", ms=3, color=f"C{k + 1}", label=f"{name} cosine")
+        c = result.get("baselines_ci", {}).get(name)
+        if c:
+            c = np.array([[np.nan if v is None else v for v in row] for row in c])
+            ax.fill_between(x, c[:, 0], c[:, 1], color=f"C{k + 1}", alpha=0.12)
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("Spearman ρ with human score")
+    ax.set_title(title or f"{result.get('dataset')}: {result.get('samples')} pairs", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    _save(fig, path)

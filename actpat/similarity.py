@@ -1,0 +1,311 @@
+"""Similarity of activation patterns (METHOD.md section 2), computed while scoring.
+
+For two samples a and b and one decoder layer, with the layer's scored matrices flattened and
+concatenated into activation vectors (A(s, w) >= 0 for every weight),
+
+    sim(a, b) = sum |a * b| / (||a|| ||b||)   -- the cosine of |a| and |b|, in [0, 1].
+
+Nothing the size of the model is kept per sample: ``GramSink`` receives each batch's per-sample
+activations matrix by matrix and keeps only the B x B Gram matrix of the batch's samples per
+layer (and per matrix type). The samples to compare are therefore scored *in the same batch*;
+memory stays flat in the number of pairs, and N pairs cost what profiling 2N samples costs.
+
+``dataset_similarity`` compares saved mean profiles instead (the dataset x dataset matrix,
+paper Figure 6): per layer, the cosine of the two profiles' ``layer_vector``s.
+
+``RUN/similarity.json`` (written by ``actpat similarity``; read by the HTML report)::
+
+    {
+      "kind": "actpat-similarity", "model": {...identity}, "objective": "max-logit",
+      "seq_len": 128, "seed": 0, "pairs": P, "num_layers": L, "matrix_types": ["q", ...],
+      "datasets": {name: {"source": ..., "split": ..., "sample_indices": [...]}},
+      "comparisons": [
+        {"kind": "within" | "cross", "datasets": [A, B],   # within: A == B
+         "pairs": [[i, j], ...],          # sample indices (record index / token offset) per pair
+         "per_pair": [[sim per layer] per pair],           # P x L
+         "per_matrix": {type: [[sim per layer] per pair]}, # P x L per matrix type
+         "summary": {"mean": [L], "median": [L], "q1": [L], "q3": [L]}}
+      ],
+      "timing": {"seconds": s, "samples_scored": n, "seconds_per_pair": s, "peak_rss_mb": m}
+    }
+
+Within-domain pairs are (sample k, sample P + k) of 2P different samples of one dataset;
+cross-domain pairs are (sample k of A, sample k of B).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .metric import pad_batch, score_batch
+from .models import LoadedModel, ScoredMatrix, scored_matrices
+
+
+# --------------------------------------------------------------------------- the sink
+
+
+class GramSink:
+    """Per layer and per (matrix type, layer): the batch's Gram matrix of activation vectors.
+
+    ``G[i, j] = sum_w A(s_i, w) A(s_j, w)`` over the layer's scored weights, accumulated in
+    float64; ``pop()`` returns the batch's Gram matrices and clears them for the next batch.
+    """
+
+    def __init__(self) -> None:
+        self.layer: dict[int, torch.Tensor] = {}
+        self.matrix: dict[tuple[str, int], torch.Tensor] = {}
+
+    def add(self, matrix: ScoredMatrix, acts: torch.Tensor) -> None:
+        flat = acts.reshape(acts.shape[0], -1)
+        gram = _gram64(flat)
+        key = (matrix.matrix, matrix.layer)
+        self.matrix[key] = self.matrix[key] + gram if key in self.matrix else gram
+        self.layer[matrix.layer] = self.layer[matrix.layer] + gram \
+            if matrix.layer in self.layer else gram
+
+    def pop(self) -> "BatchGram":
+        layers = sorted(self.layer)
+        types = list(dict.fromkeys(t for t, _ in self.matrix))
+        out = BatchGram(
+            torch.stack([self.layer[i] for i in layers]),
+            {t: torch.stack([self.matrix[(t, i)] if (t, i) in self.matrix
+                             else torch.zeros_like(self.layer[i]) for i in layers])
+             for t in types},
+        )
+        self.layer.clear()
+        self.matrix.clear()
+        return out
+
+
+def _gram64(flat: torch.Tensor) -> torch.Tensor:
+    """F F^T with float64 accumulation, in chunks so the float64 copy stays small."""
+    batch, n = flat.shape
+    gram = torch.zeros(batch, batch, dtype=torch.float64, device=flat.device)
+    step = 1 << 20
+    for s in range(0, n, step):
+        chunk = flat[:, s:s + step].double()
+        gram += chunk @ chunk.T
+    return gram.cpu()
+
+
+@dataclass
+class BatchGram:
+    layer: torch.Tensor  # (L, B, B) float64
+    matrix: dict[str, torch.Tensor]  # type -> (L, B, B)
+
+    def cosine(self, i: int, j: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """sim of batch samples i and j: per layer (L,), and per matrix type (L,)."""
+        return _cos(self.layer, i, j), {t: _cos(g, i, j) for t, g in self.matrix.items()}
+
+
+def _cos(gram: torch.Tensor, i: int, j: int) -> np.ndarray:
+    num = gram[:, i, j]
+    den = (gram[:, i, i] * gram[:, j, j]).sqrt()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (num / den).numpy()  # 0/0 (a layer with no activation at all) -> nan
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def score_grams(lm: LoadedModel, batches: Iterable[Sequence[list[int]]],
+                objective: str = "max-logit") -> Iterator[BatchGram]:
+    """Score each batch of token sequences (one forward+backward) and yield its Gram matrices."""
+    model = lm.model
+    device = next(model.parameters()).device
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    mats = scored_matrices(model)
+    sink = GramSink()
+    for batch in batches:
+        ids, mask = pad_batch(list(batch), pad, device)
+        score_batch(model, ids, mask, [sink], objective, mats)
+        yield sink.pop()
+
+
+@dataclass
+class PairSimilarity:
+    """Per-pair, per-layer similarity; ``matrix`` holds the same per matrix type."""
+
+    layer: np.ndarray  # (P, L)
+    matrix: dict[str, np.ndarray]  # type -> (P, L)
+    seconds: float = 0.0
+    samples_scored: int = 0
+
+    @property
+    def num_pairs(self) -> int:
+        return self.layer.shape[0]
+
+
+def pair_similarity(lm: LoadedModel, pairs: Sequence[tuple[list[int], list[int]]],
+                    pairs_per_batch: int = 2, objective: str = "max-logit",
+                    progress: bool = False, desc: str = "pairs") -> PairSimilarity:
+    """sim(a, b) per layer for each pair; both members of a pair are scored in one batch."""
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    chunks = [pairs[i:i + pairs_per_batch] for i in range(0, len(pairs), pairs_per_batch)]
+    batches = ([s for pair in chunk for s in pair] for chunk in chunks)
+    layer, matrix = [], {}
+    bar = tqdm(total=len(pairs), desc=desc, unit="pair", disable=not progress)
+    for chunk, gram in zip(chunks, score_grams(lm, batches, objective)):
+        for k in range(len(chunk)):
+            sims, per_type = gram.cosine(2 * k, 2 * k + 1)
+            layer.append(sims)
+            for t, v in per_type.items():
+                matrix.setdefault(t, []).append(v)
+        bar.update(len(chunk))
+    bar.close()
+    return PairSimilarity(np.array(layer), {t: np.array(v) for t, v in matrix.items()},
+                          time.perf_counter() - start, 2 * len(pairs))
+
+
+@dataclass
+class GroupSimilarity:
+    """Within-domain pairs of every group and cross-domain pairs of every two groups."""
+
+    within: dict[str, PairSimilarity]
+    cross: dict[tuple[str, str], PairSimilarity]
+    seconds: float = 0.0
+    samples_scored: int = 0
+
+
+def group_similarity(lm: LoadedModel, groups: dict[str, list[list[int]]],
+                     objective: str = "max-logit", progress: bool = False) -> GroupSimilarity:
+    """All comparisons of several datasets from one pass over their samples.
+
+    Each group holds 2P sequences. Batch k holds samples k and P + k of every group, so one
+    batch gives the within-domain pair (k, P + k) of each group and the cross-domain pair
+    (sample k of X, sample k of Y) of every two groups: 2P samples per dataset in all, instead
+    of 2P per comparison.
+    """
+    from tqdm.auto import tqdm
+
+    names = list(groups)
+    sizes = {len(v) for v in groups.values()}
+    if len(sizes) != 1 or next(iter(sizes)) % 2:
+        raise ValueError("every group needs the same, even number of sequences (2P)")
+    half = next(iter(sizes)) // 2
+    start = time.perf_counter()
+    batches = ([s for name in names for s in (groups[name][k], groups[name][half + k])]
+               for k in range(half))
+    within = {n: ([], {}) for n in names}
+    cross = {(x, y): ([], {}) for a, x in enumerate(names) for y in names[a + 1:]}
+
+    def put(store, i, j):
+        sims, per_type = gram.cosine(i, j)
+        store[0].append(sims)
+        for t, v in per_type.items():
+            store[1].setdefault(t, []).append(v)
+
+    bar = tqdm(total=half, desc="pair batches", unit="batch", disable=not progress)
+    for gram in score_grams(lm, batches, objective):
+        for g, n in enumerate(names):
+            put(within[n], 2 * g, 2 * g + 1)
+        for (x, y), store in cross.items():
+            put(store, 2 * names.index(x), 2 * names.index(y))
+        bar.update(1)
+    bar.close()
+    seconds = time.perf_counter() - start
+
+    def done(store):
+        return PairSimilarity(np.array(store[0]), {t: np.array(v) for t, v in store[1].items()})
+
+    return GroupSimilarity({n: done(s) for n, s in within.items()},
+                           {k: done(s) for k, s in cross.items()}, seconds, 2 * half * len(names))
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def summarize(per_pair: np.ndarray) -> dict[str, list[float]]:
+    """Per-layer mean, median and quartiles of a (P, L) array of similarities."""
+    q1, med, q3 = np.nanpercentile(per_pair, [25, 50, 75], axis=0)
+    return {"mean": _floats(np.nanmean(per_pair, axis=0)), "median": _floats(med),
+            "q1": _floats(q1), "q3": _floats(q3)}
+
+
+def _floats(a) -> list:
+    return [None if not np.isfinite(v) else float(v) for v in np.asarray(a, dtype=float)]
+
+
+def comparison_json(kind: str, a: str, b: str, sims: PairSimilarity,
+                    pairs: list[tuple[int, int]]) -> dict:
+    return {"kind": kind, "datasets": [a, b], "pairs": [list(p) for p in pairs],
+            "per_pair": [_floats(r) for r in sims.layer],
+            "per_matrix": {t: [_floats(r) for r in v] for t, v in sims.matrix.items()},
+            "summary": summarize(sims.layer)}
+
+
+# --------------------------------------------------------------------------- profiles
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """sum |a * b| / (||a|| ||b||) in float64 (nan when either vector is all zero)."""
+    a, b = a.double().abs(), b.double().abs()
+    den = float(a.norm() * b.norm())
+    return float((a * b).sum()) / den if den > 0 else float("nan")
+
+
+def profile_layer_similarity(p, q) -> np.ndarray:
+    """Per-layer similarity of two saved profiles (``Profile``), shape (L,)."""
+    if p.num_layers != q.num_layers or list(p.maps) != list(q.maps):
+        from .errors import UserError
+
+        raise UserError("profiles come from different models (their scored matrices differ); "
+                        "compare runs of one model")
+    return np.array([cosine(p.layer_vector(i), q.layer_vector(i)) for i in range(p.num_layers)])
+
+
+@dataclass
+class DatasetMatrix:
+    """Dataset x dataset similarity: per layer (L, N, N), and band means of it."""
+
+    names: list[str]
+    per_layer: np.ndarray  # (L, N, N)
+    bands: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> [start, end)
+
+    def band(self, name: str) -> np.ndarray:
+        start, end = self.bands[name]
+        return self.per_layer[start:end].mean(axis=0)
+
+    def ranking(self, reference: str, band: str) -> list[tuple[str, float]]:
+        """The other datasets, closest to ``reference`` first, in ``band``."""
+        m = self.band(band)
+        r = self.names.index(reference)
+        others = [(n, float(m[r, i])) for i, n in enumerate(self.names) if i != r]
+        return sorted(others, key=lambda x: -x[1])
+
+
+def dataset_similarity(profiles: list, names: list[str],
+                       bands: dict[str, tuple[int, int]]) -> DatasetMatrix:
+    """Per-layer cosine between every two profiles; a band's matrix is its layers' mean."""
+    n = len(profiles)
+    layers = profiles[0].num_layers
+    vecs = [[p.layer_vector(i).double() for i in range(layers)] for p in profiles]
+    out = np.ones((layers, n, n))
+    for a in range(n):
+        for b in range(a + 1, n):
+            for i in range(layers):
+                out[i, a, b] = out[i, b, a] = cosine(vecs[a][i], vecs[b][i])
+    return DatasetMatrix(names, out, dict(bands))
+
+
+def relate_bands(num_layers: int) -> dict[str, tuple[int, int]]:
+    """Layer bands for the dataset matrix, [start, end) 0-based.
+
+    all: every layer; shallow: layers 1 .. 12/32 of depth (layer 0 is special in the paper);
+    deep: from 16/32 of depth to the last layer (the middle of the paper's deep bands).
+    """
+    cut_shallow = max(2, _round(12 * num_layers / 32))
+    cut_deep = min(num_layers - 1, _round(16 * num_layers / 32))
+    return {"all": (0, num_layers), "shallow": (1, cut_shallow), "deep": (cut_deep, num_layers)}
+
+
+def _round(x: float) -> int:
+    """Round half up (Python's round() rounds half to even)."""
+    return int(np.floor(x + 0.5))

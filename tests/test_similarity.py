@@ -1,0 +1,141 @@
+"""Pair similarity computed while scoring, against saved single-sample profiles; relate."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from actpat.models import LoadedModel
+from actpat.profile import Profile, compute_profile
+from actpat.similarity import (cosine, dataset_similarity, group_similarity, pair_similarity,
+                               profile_layer_similarity, relate_bands)
+from tiny import ARCHS, VOCAB, tiny_model
+
+
+class _Tok:
+    pad_token_id = 0
+
+
+def _lm(arch, seed=0):
+    return LoadedModel(tiny_model(arch, seed), _Tok(), arch, {"spec": arch})
+
+
+def _seqs(n, seed=0, lo=3, hi=12):
+    rng = random.Random(seed)
+    return [[rng.randrange(1, VOCAB) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def _direct(lm, a, b, tmp_path):
+    """Per-layer sim from two saved single-sample profiles (the mean of one sample is itself)."""
+    profs = []
+    for k, s in enumerate((a, b)):
+        compute_profile(lm, [s], batch_size=1, progress=False).save(tmp_path / f"p{k}")
+        profs.append(Profile.load(tmp_path / f"p{k}"))
+    per_layer = profile_layer_similarity(*profs)
+    return per_layer, profs
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pair_sim_matches_saved_profiles(arch, tmp_path):
+    lm = _lm(arch)
+    seqs = _seqs(6, seed=1)
+    pairs = [(seqs[0], seqs[1]), (seqs[2], seqs[3]), (seqs[4], seqs[5])]
+    got = pair_similarity(lm, pairs, pairs_per_batch=2)  # padding and batch neighbours included
+    assert got.layer.shape == (3, 2)
+    for k, (a, b) in enumerate(pairs):
+        want, profs = _direct(lm, a, b, tmp_path / str(k))
+        np.testing.assert_allclose(got.layer[k], want, rtol=0, atol=1e-6)
+        # per matrix type: the same cosine on that matrix alone
+        for t, v in got.matrix.items():
+            for i in range(2):
+                name = next(n for n in profs[0].maps
+                            if profs[0].layers[n] == i and profs[0].matrices[n] == t)
+                assert abs(v[k, i] - cosine(profs[0].maps[name], profs[1].maps[name])) < 1e-6
+
+
+def test_symmetric_identity_and_range():
+    lm = _lm("llama")
+    seqs = _seqs(8, seed=2)
+    ab = pair_similarity(lm, [(seqs[0], seqs[1]), (seqs[2], seqs[3])])
+    ba = pair_similarity(lm, [(seqs[1], seqs[0]), (seqs[3], seqs[2])])
+    np.testing.assert_allclose(ab.layer, ba.layer, atol=1e-12)
+    same = pair_similarity(lm, [(s, s) for s in seqs[:4]])
+    np.testing.assert_allclose(same.layer, 1.0, atol=1e-9)
+    for t in same.matrix.values():
+        np.testing.assert_allclose(t, 1.0, atol=1e-9)
+    allp = pair_similarity(lm, list(zip(seqs[:4], seqs[4:])), pairs_per_batch=3)
+    assert ((allp.layer >= 0) & (allp.layer <= 1 + 1e-12)).all()
+    assert (allp.layer < 1 - 1e-6).all()  # different inputs are not identical
+
+
+def test_cosine_definition():
+    a = torch.tensor([1.0, -2.0, 0.0, 3.0], dtype=torch.float64)
+    b = torch.tensor([0.5, 1.0, 4.0, -1.0], dtype=torch.float64)
+    want = (abs(a) * abs(b)).sum() / (a.norm() * b.norm())
+    assert abs(cosine(a, b) - float(want)) < 1e-12
+    assert np.isnan(cosine(torch.zeros(3), torch.ones(3)))
+
+
+def test_group_similarity_equals_pairwise():
+    """One joint pass gives the same within and cross sims as separate pair runs."""
+    lm = _lm("qwen2")
+    groups = {"x": _seqs(4, 3), "y": _seqs(4, 4), "z": _seqs(4, 5)}
+    res = group_similarity(lm, groups)
+    for n, seqs in groups.items():
+        want = pair_similarity(lm, [(seqs[0], seqs[2]), (seqs[1], seqs[3])])
+        np.testing.assert_allclose(res.within[n].layer, want.layer, atol=1e-9)
+    want = pair_similarity(lm, [(groups["x"][0], groups["z"][0]), (groups["x"][1], groups["z"][1])])
+    np.testing.assert_allclose(res.cross[("x", "z")].layer, want.layer, atol=1e-9)
+    assert res.samples_scored == 12
+
+
+def test_memory_flat_in_pairs():
+    """The sink keeps only a B x B Gram matrix per layer, whatever the number of pairs."""
+    from actpat.metric import pad_batch, score_batch
+    from actpat.similarity import GramSink
+
+    lm = _lm("llama")
+    sink = GramSink()
+    seqs = _seqs(4)
+    ids, mask = pad_batch(seqs, 0)
+    score_batch(lm.model, ids, mask, [sink])
+    g = sink.pop()
+    assert g.layer.shape == (2, 4, 4) and not sink.layer and not sink.matrix
+
+
+def test_dataset_similarity_and_bands(tmp_path):
+    lm = _lm("llama")
+    profs = [compute_profile(lm, _seqs(3, s), progress=False) for s in range(3)]
+    m = dataset_similarity(profs, ["a", "b", "c"], {"all": (0, 2), "l1": (1, 2)})
+    assert m.per_layer.shape == (2, 3, 3)
+    assert abs(m.per_layer[1, 0, 2] - cosine(profs[0].layer_vector(1), profs[2].layer_vector(1))) \
+        < 1e-12
+    np.testing.assert_allclose(m.band("all"), m.per_layer.mean(0))
+    rank = m.ranking("a", "l1")
+    assert [r[0] for r in rank] == sorted(["b", "c"], key=lambda n: -m.per_layer[1, 0, "abc".index(n)])
+    assert relate_bands(30) == {"all": (0, 30), "shallow": (1, 11), "deep": (15, 30)}
+    assert relate_bands(32) == {"all": (0, 32), "shallow": (1, 12), "deep": (16, 32)}
+
+
+def test_relate_command(tmp_path, capsys):
+    from actpat.cli import main
+
+    lm = _lm("llama")
+    runs = []
+    for s, name in enumerate(["c4", "boolq", "hellaswag"]):
+        p = compute_profile(lm, _seqs(3, s), progress=False, meta={"dataset": name})
+        p.save(tmp_path / name)
+        runs.append(str(tmp_path / name))
+    out = tmp_path / "rel.json"
+    rc = main(["relate", *runs, "--json", str(out), "--plot", str(tmp_path / "h.png"),
+               "--layers", "1:2"])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["datasets"] == ["c4", "boolq", "hellaswag"]
+    assert set(data["bands"]) >= {"all", "shallow", "deep", "custom"}
+    assert data["reference"] == "c4" and len(data["ranking"]["deep"]) == 2
+    assert (tmp_path / "h.png").stat().st_size > 0
+    assert main(["relate", runs[0], "--json", str(out)]) == 2  # one run is no matrix
+    assert main(["relate", *runs, "--layers", "5:9"]) == 2
