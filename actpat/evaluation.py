@@ -1,0 +1,221 @@
+"""Evaluation: perplexity on token windows and zero-shot acc / acc_norm through lm-eval.
+
+Perplexity (``wikitext2`` test, rows joined "\\n\\n"; ``c4`` validation, documents joined " "):
+the corpus is tokenized once (no special tokens) and cut into non-overlapping windows of
+``seq_len`` tokens; a tail shorter than ``seq_len`` is dropped; ``limit`` keeps the first N
+windows. Each window is scored on its own with labels = inputs, so its first token is *not*
+predicted: ``seq_len - 1`` predictions per window, and
+
+    ppl = exp( sum of token NLL over all windows / (windows * (seq_len - 1)) ).
+
+Because every window has the same number of predictions this is exactly the Wanda / SparseGPT
+evaluation (``exp(sum(loss_w * seqlen) / (windows * seqlen))`` with ``loss_w`` the window's mean
+shifted NLL).
+
+Zero-shot (``boolq piqa siqa hellaswag mmlu``): lm-evaluation-harness's ``HFLM`` wraps the
+in-memory model and ``simple_evaluate`` runs the task configs of ``actpat.tasks`` (local JSONL
+when ``<data-dir>/<task>/<split>.jsonl`` exists, the hub otherwise); ``limit`` keeps the first N
+items. acc: argmax of the summed log-likelihood of each choice; acc_norm: of the log-likelihood
+divided by the choice's length in bytes (lm-eval's definition).
+
+Every result states its data source and its size (``seq_len`` + ``windows``, or ``n``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data import corpus_text, default_data_dir
+from .errors import UserError
+from .tasks import TASKS
+
+PERPLEXITY_SPLITS = {"wikitext2": "test", "c4": "validation"}
+ZERO_SHOT_TASKS = tuple(TASKS)
+ALL_TASKS = tuple(PERPLEXITY_SPLITS) + ZERO_SHOT_TASKS
+DEFAULT_TASKS = ALL_TASKS
+
+
+def parse_tasks(spec: str | list[str]) -> list[str]:
+    names = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec) if t.strip()]
+    if not names:
+        raise UserError("--tasks is empty; give e.g. wikitext2,boolq")
+    unknown = [t for t in names if t not in ALL_TASKS]
+    if unknown:
+        raise UserError(f"unknown task '{unknown[0]}': use any of {','.join(ALL_TASKS)}")
+    return list(dict.fromkeys(names))
+
+
+# --------------------------------------------------------------------------- perplexity
+
+
+@dataclass
+class Corpus:
+    """A tokenized perplexity corpus."""
+
+    name: str
+    ids: torch.Tensor  # (T,) int64
+    source: str
+
+
+def load_corpus(tokenizer, dataset: str, data_dir: str | None = None) -> Corpus:
+    if dataset not in PERPLEXITY_SPLITS:
+        raise UserError(f"'{dataset}' is not a perplexity corpus; use one of "
+                        f"{', '.join(PERPLEXITY_SPLITS)}")
+    text, source = corpus_text(dataset, PERPLEXITY_SPLITS[dataset], data_dir)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    return Corpus(dataset, ids.long(), f"{source} ({PERPLEXITY_SPLITS[dataset]})")
+
+
+@torch.inference_mode()
+def window_nll(model, ids: torch.Tensor, seq_len: int, limit: int | None = None,
+               batch_size: int = 4, progress: bool = False) -> tuple[float, int, int]:
+    """Summed next-token NLL over the first ``limit`` non-overlapping windows of ``ids``.
+
+    Returns (sum of NLL, number of windows, number of predicted tokens).
+    """
+    if seq_len < 2:
+        raise UserError(f"--seq-len must be at least 2 (got {seq_len})")
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise UserError(f"the corpus has {ids.numel()} tokens, fewer than one window of "
+                        f"{seq_len}; lower --seq-len")
+    if limit is not None:
+        if limit < 1:
+            raise UserError(f"--limit must be at least 1 (got {limit})")
+        n = min(n, limit)
+    windows = ids[: n * seq_len].view(n, seq_len)
+    device = next(model.parameters()).device
+    total = torch.zeros((), dtype=torch.float64)
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(0, n, batch_size), desc=f"perplexity {seq_len}", unit="batch",
+                  disable=not progress):
+        x = windows[i:i + batch_size].to(device)
+        logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+        total += nll.double().cpu()
+    return float(total), n, n * (seq_len - 1)
+
+
+def perplexity(model, corpus: Corpus, seq_len: int, limit: int | None = None,
+               batch_size: int = 4, progress: bool = False) -> dict:
+    """``{"ppl", "nll", "seq_len", "windows", "tokens", "source", ...}`` for one corpus."""
+    start = time.perf_counter()
+    total, windows, tokens = window_nll(model, corpus.ids, seq_len, limit, batch_size, progress)
+    nll = total / tokens
+    wall = time.perf_counter() - start
+    return {"ppl": math.exp(nll), "nll": nll, "seq_len": seq_len, "windows": windows,
+            "tokens_predicted": tokens, "first_token_predicted": False,
+            "source": corpus.source, "wall_s": round(wall, 2),
+            "windows_per_s": round(windows / wall, 4) if wall > 0 else None}
+
+
+# --------------------------------------------------------------------------- zero-shot
+
+
+def task_config(name: str, data_dir: str | None = None) -> tuple[dict, str]:
+    """lm-eval config of a zero-shot task, and its data source (local file, else the hub)."""
+    task = TASKS[name]
+    data_dir = data_dir if data_dir is not None else default_data_dir()
+    if data_dir:
+        path = Path(data_dir) / name / f"{task.split}.jsonl"
+        if path.exists():
+            return task.local_config(str(path)), f"local:{path}"
+    repo, config = task.hub
+    return task.hub_config(), f"hub:{repo}" + (f"/{config}" if config else "")
+
+
+def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None,
+              batch_size: int = 4, data_dir: str | None = None,
+              log_samples: bool = False) -> dict:
+    """acc / acc_norm of each task through lm-eval's ``HFLM`` on the in-memory model.
+
+    With ``log_samples`` each task's entry also holds ``samples``: lm-eval's per-item records
+    (arguments, log-likelihoods, acc) for checking.
+    """
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1 (got {limit})")
+    import logging
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    for noisy in ("lm_eval", "lm-eval"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    configs, sources = {}, {}
+    for name in tasks:
+        configs[name], sources[name] = task_config(name, data_dir)
+        if sources[name].startswith("hub:") and os.environ.get("HF_DATASETS_OFFLINE") == "1":
+            raise UserError(f"task '{name}': no local {name}/{TASKS[name].split}.jsonl under "
+                            f"--data-dir ({data_dir}) and HF_DATASETS_OFFLINE=1; "
+                            "point --data-dir at the data folder")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+              device=str(next(model.parameters()).device))
+    start = time.perf_counter()
+    try:
+        res = lm_eval.simple_evaluate(model=lm, tasks=list(configs.values()), limit=limit,
+                                      bootstrap_iters=0, log_samples=log_samples,
+                                      verbosity="ERROR")
+    except Exception as e:
+        if sources and any(s.startswith("hub:") for s in sources.values()):
+            raise UserError(f"lm-eval failed on a hub dataset ({str(e).splitlines()[0][:160]}); "
+                            "point --data-dir at a folder with the task's JSONL") from None
+        raise
+    wall = time.perf_counter() - start
+    out = {}
+    for name in tasks:
+        key = f"actpat_{name}"
+        r = res["results"][key]
+        n = int(res["n-samples"][key]["effective"])
+        out[name] = {"acc": float(r["acc,none"]), "acc_norm": float(r["acc_norm,none"]),
+                     "n": n, "split": TASKS[name].split, "source": sources[name]}
+        if log_samples:
+            out[name]["samples"] = res["samples"][key]
+    total = sum(v["n"] for v in out.values())
+    for v in out.values():  # lm-eval runs all tasks' requests together: one shared rate
+        v["items_per_s_all_tasks"] = round(total / wall, 4) if wall > 0 else None
+    return out
+
+
+# --------------------------------------------------------------------------- both
+
+
+def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, seq_len: int = 256,
+             batch_size: int = 4, data_dir: str | None = None, progress: bool = False,
+             corpora: dict[str, Corpus] | None = None) -> dict:
+    """``{task: {metric: value, ..., size, source}}`` for perplexity corpora and zero-shot tasks.
+
+    ``corpora`` caches tokenized perplexity corpora across calls (filled in place).
+    """
+    corpora = corpora if corpora is not None else {}
+    out = {}
+    for name in tasks:
+        if name in PERPLEXITY_SPLITS:
+            if name not in corpora:
+                corpora[name] = load_corpus(tokenizer, name, data_dir)
+            out[name] = perplexity(model, corpora[name], seq_len, limit, batch_size, progress)
+    shots = [t for t in tasks if t in TASKS]
+    if shots:
+        out.update(zero_shot(model, tokenizer, shots, limit, batch_size, data_dir))
+    return {t: out[t] for t in tasks}
+
+
+def format_table(results: dict) -> str:
+    """One line per task: the figure, its size and its data source."""
+    lines = [f"{'task':<10} {'metric':<24} {'size':<22} source"]
+    for task, r in results.items():
+        if "ppl" in r:
+            metric = f"ppl {r['ppl']:.3f}"
+            size = f"seq_len {r['seq_len']} x {r['windows']} win"
+        else:
+            metric = f"acc {r['acc']:.4f} norm {r['acc_norm']:.4f}"
+            size = f"n {r['n']} ({r['split']})"
+        lines.append(f"{task:<10} {metric:<24} {size:<22} {r['source']}")
+    return "\n".join(lines)
