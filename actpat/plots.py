@@ -130,3 +130,16 @@ def plot_sts_layers(result: dict, path, title: str | None = None) -> None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     _save(fig, path)
+
+
+def plot_allocation(allocations: dict[str, list[float]], path, title: str | None = None) -> None:
+    """Layer-wise sparsity S_i per decoder layer, one line per allocator."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, s in allocations.items():
+        ax.plot(range(len(s)), s, marker="o", ms=3, label=name)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("sparsity S_i")
+    ax.set_title(title or "Layer-wise sparsity per allocator", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    _save(fig, path)

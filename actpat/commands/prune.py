@@ -1,0 +1,77 @@
+"""actpat prune: prune a model layer by layer with calibration data and save it (HF format)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from ..cli import add_common
+from ..errors import UserError
+from .allocate import (add_allocation_arguments, add_calibration_arguments, calibration_info,
+                       load_calibration, resolve_allocation)
+
+HELP = "prune a model (wanda, sparsegpt, magnitude; unstructured or N:M) and save it"
+
+OWNED = ("config.json", "generation_config.json", "model.safetensors",
+         "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+         "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt",
+         "tokenizer.model", "added_tokens.json", "actpat_prune.json")
+
+
+def add_arguments(p) -> None:
+    from ..pruning import PRUNERS
+
+    p.add_argument("--model", required=True, help="alias (smollm2-135m), .gguf, directory, hub id")
+    p.add_argument("--sparsity", type=float, required=True, help="target S in [0, 1)")
+    p.add_argument("--pruner", default="wanda", choices=sorted(PRUNERS))
+    p.add_argument("--pattern", default="unstructured", help="unstructured | 2:4 | 4:8 | N:M")
+    add_allocation_arguments(p, "--allocation")
+    add_calibration_arguments(p)
+    p.add_argument("--save", required=True, help="output directory (HF checkpoint)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --save")
+    add_common(p)
+
+
+def run(args) -> int:
+    from ..allocation import check_sparsity
+    from ..models import load_model
+    from ..profile import versions
+    from ..pruning import get_pruner, parse_pattern, prune_model, save_pruned
+    from ..runs import prepare_out_dir
+
+    check_sparsity(args.sparsity)
+    pruner = get_pruner(args.pruner)
+    nm = parse_pattern(args.pattern)
+    if nm and args.allocation != "uniform":
+        raise UserError(f"pattern {args.pattern} fixes every layer at {nm[0]}/{nm[1]}; use "
+                        "--allocation uniform or --pattern unstructured")
+    if nm and abs(args.sparsity - nm[0] / nm[1]) > 1e-9:
+        raise UserError(f"pattern {args.pattern} gives sparsity {nm[0] / nm[1]:g}, not "
+                        f"{args.sparsity}; pass --sparsity {nm[0] / nm[1]:g}")
+    out = prepare_out_dir(args.save, args.overwrite, owned=OWNED)
+    start = time.perf_counter()
+    lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    needs_calib = pruner.stat is not None or args.allocation == "owl" or \
+        (args.allocation == "activation" and args.profile is None)
+    samples = load_calibration(args, lm) if needs_calib else None
+    sparsities, alloc = resolve_allocation(args, args.allocation, lm, samples)
+    report = prune_model(lm.model, None if samples is None else samples.sequences, sparsities,
+                         args.pruner, args.pattern, args.batch_size, progress=not args.quiet)
+    record = {
+        "model": lm.identity, "pruner": args.pruner, "pattern": args.pattern,
+        "allocation": alloc, "target_sparsity": args.sparsity,
+        "layer_sparsities": report["layers"] and [x["target"] for x in report["layers"]],
+        "achieved_sparsity": report["achieved_sparsity"],
+        "achieved_per_layer": [x["achieved"] for x in report["layers"]],
+        "calibration": None if samples is None else calibration_info(args, samples),
+        "seed": args.seed, "dtype": args.dtype, "batch_size": args.batch_size,
+        "prune_seconds": report["seconds"], "total_seconds": None,
+        "matrices": report["matrices"], "versions": versions(),
+        "command": "actpat " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("actpat") else None,
+    }
+    record["total_seconds"] = round(time.perf_counter() - start, 3)
+    save_pruned(lm.model, lm.tokenizer, out, record)
+    print(f"pruned {args.model} with {args.pruner} ({args.pattern}, {args.allocation}): target "
+          f"{report['target_sparsity']:.4f}, achieved {report['achieved_sparsity']:.4f} in "
+          f"{report['seconds']:.1f}s -> {out}")
+    return 0
