@@ -1,0 +1,762 @@
+"""The HTML report: one self-contained page (figures embedded, no network) for any mix of runs.
+
+``write_report(paths, out)`` walks the given run directories (and JSON files), recognises each
+artifact by its files, and renders one section per kind:
+
+========================  ===============================================  =====================
+artifact                  recognised by                                    section
+========================  ===============================================  =====================
+profile                   ``profile.safetensors`` + ``summary.json``       activated weights per
+                                                                           layer (Figure 1) and
+                                                                           dataset relatedness
+similarity                ``similarity.json`` (``kind: actpat-similarity``) box plots per layer
+sts                       ``sts.json`` (``kind: actpat-sts``)              Spearman rho per layer
+                                                                           with baselines
+allocation                JSON with per-layer sparsities (``allocate``)    S_i per layer curves
+pruning                   ``actpat_prune.json``                            pruning table
+evaluation                JSON with perplexity / task accuracies (``eval``) evaluation table
+figures                   any other ``*.png`` in a run directory           embedded as found
+========================  ===============================================  =====================
+
+What is absent is skipped; a file that cannot be read becomes a one-line note in the page rather
+than an error. Every section lists its settings (model, data source, samples, sequence length,
+gamma, seed, versions) as recorded by the command that wrote it. The page carries a strict
+Content-Security-Policy (images from ``data:`` only) and a tiny inline script that records, after
+load, how many images failed to decode (``data-broken-images``) and how many resource loads the
+policy blocked (``data-blocked-loads``), which the rendering test reads back.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+
+# Files that are never results (Hugging Face model and tokenizer files of a pruned model, ...).
+NOT_RESULTS = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "model.safetensors.index.json", "summary.json",
+               "added_tokens.json", "vocab.json", "actpat_source.json", "chat_template.json"}
+SKIP_DIRS = {"checkpoint", ".git", "__pycache__"}
+MAX_DEPTH = 4
+
+
+# --------------------------------------------------------------------------- finding artifacts
+
+
+@dataclass
+class Artifact:
+    """One result found on disk: its kind, where it is, and its parsed content."""
+
+    kind: str  # profile | similarity | sts | allocation | prune | eval | counts | relate | figure
+    path: Path
+    data: object = None
+
+
+def find_artifacts(paths: Iterable[str | Path]) -> tuple[list[Artifact], list[str]]:
+    """All recognisable artifacts under ``paths`` (directories or files), and notes on skips."""
+    found: list[Artifact] = []
+    notes: list[str] = []
+    seen: set[Path] = set()
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise UserError(f"{p} does not exist; give run directories or result JSON files")
+        if p.is_file():
+            _classify_file(p, found, notes, seen)
+        else:
+            _walk(p, 0, found, notes, seen)
+    return found, notes
+
+
+def _walk(d: Path, depth: int, found, notes, seen) -> None:
+    if (d / "profile.safetensors").exists() and (d / "summary.json").exists():
+        if d.resolve() not in seen:
+            seen.add(d.resolve())
+            found.append(Artifact("profile", d))
+    for f in sorted(d.iterdir()):
+        if f.is_file():
+            _classify_file(f, found, notes, seen)
+        elif f.is_dir() and f.name not in SKIP_DIRS and depth < MAX_DEPTH:
+            _walk(f, depth + 1, found, notes, seen)
+
+
+def _classify_file(f: Path, found, notes, seen) -> None:
+    key = f.resolve()
+    if key in seen:
+        return
+    if f.suffix == ".png":
+        seen.add(key)
+        found.append(Artifact("figure", f))
+        return
+    if f.suffix != ".json" or f.name in NOT_RESULTS or f.name.endswith(".tmp"):
+        return
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        notes.append(f"{f}: not readable JSON ({str(e)[:80]}); skipped")
+        return
+    kind = classify_json(f.name, data)
+    if kind:
+        seen.add(key)
+        found.append(Artifact(kind, f, data))
+
+
+def classify_json(name: str, data) -> str | None:
+    """The artifact kind of a result JSON, by its ``kind`` field, file name or shape."""
+    if isinstance(data, list):
+        if data and isinstance(data[0], dict) and "layer_counts" in data[0]:
+            return "counts"
+        return None
+    if not isinstance(data, dict):
+        return None
+    kind = str(data.get("kind", ""))
+    for k in ("similarity", "sts", "allocation", "prune", "eval", "relate", "counts"):
+        if kind in (f"actpat-{k}", k):
+            return k
+    if kind in ("actpat-pruning", "pruning"):
+        return "prune"
+    if kind in ("actpat-evaluation", "evaluation"):
+        return "eval"
+    if name == "actpat_prune.json":
+        return "prune"
+    if name in ("similarity.json", "sts.json"):
+        return name.removesuffix(".json")
+    if _layer_sparsities(data) is not None:
+        return "allocation"
+    if _eval_rows(data):
+        return "eval"
+    return None
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _num(x, digits: int = 4) -> str:
+    """A number for a table: ints as is, floats to ``digits`` significant digits, n/a for None."""
+    if x is None:
+        return "n/a"
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return str(x)
+        return f"{x:.{digits}g}"
+    return html.escape(str(x))
+
+
+def _esc(x) -> str:
+    return html.escape(str(x))
+
+
+def _table(header: list[str], rows: list[list], cls: str = "") -> str:
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, _Raw) else _num(c)}</td>"
+                                    for c in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+class _Raw(str):
+    """Already-escaped HTML for a table cell."""
+
+
+def _png_tag(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<figure><img alt="{_esc(alt)}" src="data:image/png;base64,{data}"></figure>'
+
+
+def _fig_bytes(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _model_name(model) -> str:
+    """A short model label from an identity dict (spec + sha256 prefix) or a string."""
+    if isinstance(model, dict):
+        label = str(model.get("spec") or model.get("path") or "?")
+        if model.get("sha256"):
+            label += f" (sha256 {str(model['sha256'])[:12]})"
+        return label
+    return str(model) if model is not None else "?"
+
+
+def _versions(v) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {x}" for k, x in v.items())
+    return str(v) if v else "not recorded"
+
+
+def _settings(pairs: list[tuple[str, object]]) -> str:
+    """A definition list of a section's settings; entries whose value is None are left out."""
+    items = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in pairs
+                    if v is not None and v != "")
+    return f'<dl class="settings">{items}</dl>'
+
+
+@dataclass
+class Section:
+    """One part of the page: a heading, its settings, and its body."""
+
+    id: str
+    title: str
+    body: str
+    sources: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- profiles
+
+
+def profile_sections(arts: list[Artifact], gamma: float | None,
+                     gamma_quantile: float | None) -> list[Section]:
+    """Figure 1 (activated weights per layer) for all profiles; relatedness per model."""
+    from .plots import plot_layer_counts
+    from .profile import Profile, counts
+
+    if not arts:
+        return []
+    loaded, rows, problems = [], [], []
+    for a in arts:
+        try:
+            prof = Profile.load(a.path)
+        except UserError as e:
+            problems.append(str(e))
+            continue
+        c = counts(prof, gamma, gamma_quantile)
+        loaded.append((a, prof))
+        rows.append({"run": a.path.name, "dataset": prof.meta.get("dataset") or a.path.name,
+                     "model": _model_name(prof.meta.get("model")), **c.to_json()})
+    sections = []
+    if loaded:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            png_path = Path(tmp) / "fig1.png"
+            plot_layer_counts(rows, png_path)
+            png = png_path.read_bytes()
+        body = [_png_tag(png, "activated weights per layer")]
+        n = max(len(r["layer_counts"]) for r in rows)
+        header = ["layer"] + [f"{r['dataset']} (%)" for r in rows]
+        table = [[i] + [(100.0 * r["layer_counts"][i] / r["scored_per_layer"][i])
+                        if i < len(r["layer_counts"]) else None for r in rows] for i in range(n)]
+        body.append("<details><summary>share of weights activated per layer (%)</summary>"
+                    + _table(header, table) + "</details>")
+        body.append(_table(
+            ["run", "dataset", "model", "data source", "samples", "seq len", "objective", "seed",
+             "gamma", "gamma rule", "activated (all layers)", "wall time (s)"],
+            [[r["run"], r["dataset"], r["model"], p.meta.get("data_source"),
+              p.meta.get("samples"), p.meta.get("seq_len"), p.meta.get("objective"),
+              p.meta.get("seed"), r["gamma"], r["gamma_rule"], sum(r["layer_counts"]),
+              p.meta.get("wall_time_s")] for r, (_, p) in zip(rows, loaded)]))
+        versions = {_versions(p.meta.get("versions")) for _, p in loaded}
+        body.append(_settings([("versions", "; ".join(sorted(versions)))]))
+        body.extend(f'<p class="note">{_esc(x)}</p>' for x in problems)
+        sections.append(Section("profiles", "Activated weights per layer (Figure 1)",
+                                "\n".join(body), [str(a.path) for a, _ in loaded]))
+        sections.extend(_relatedness_sections(loaded))
+    elif problems:
+        sections.append(Section("profiles", "Activated weights per layer (Figure 1)",
+                                "".join(f'<p class="note">{_esc(x)}</p>' for x in problems)))
+    return sections
+
+
+def _relatedness_sections(loaded) -> list[Section]:
+    """Dataset x dataset similarity of mean profiles (paper Figure 6), per model with >= 2 runs."""
+    from .similarity import dataset_similarity, relate_bands
+
+    groups: dict[str, list] = {}
+    for a, p in loaded:
+        key = json.dumps([p.meta.get("model"), list(p.maps)[:1], len(p.maps)], sort_keys=True,
+                         default=str)
+        groups.setdefault(key, []).append((a, p))
+    out = []
+    for k, group in enumerate(g for g in groups.values() if len(g) >= 2):
+        profiles = [p for _, p in group]
+        names = _unique([str(p.meta.get("dataset") or a.path.name) for a, p in group])
+        bands = relate_bands(profiles[0].num_layers)
+        mat = dataset_similarity(profiles, names, bands)
+        plt = _plt()
+        fig, axes = plt.subplots(1, len(bands), figsize=(4.2 * len(bands), 3.9))
+        for ax, band in zip(axes, bands):
+            m = mat.band(band)
+            im = ax.imshow(m, vmin=min(0.5, float(m.min())), vmax=1.0, cmap="viridis")
+            ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+            ax.set_yticks(range(len(names)), names, fontsize=7)
+            s, e = bands[band]
+            ax.set_title(f"{band} layers [{s}, {e})", fontsize=9)
+            for i in range(len(names)):
+                for j in range(len(names)):
+                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                            color="w" if m[i, j] < 0.85 else "k")
+        fig.colorbar(im, ax=list(axes), shrink=0.8)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        body = [_png_tag(buf.getvalue(), "dataset relatedness heatmap")]
+        deep = mat.band("deep")
+        body.append("<p>Similarity of the datasets' mean activation maps, averaged over the deep "
+                    f"layers [{bands['deep'][0]}, {bands['deep'][1]}):</p>")
+        body.append(_table([""] + names, [[n] + [float(deep[i, j]) for j in range(len(names))]
+                                          for i, n in enumerate(names)]))
+        model = _model_name(profiles[0].meta.get("model"))
+        body.append(_settings([("model", model), ("similarity", "cosine of |a| and |b| per "
+                                                  "layer (METHOD.md section 2)")]))
+        sid = "relatedness" if k == 0 else f"relatedness-{k}"
+        out.append(Section(sid, "Dataset relatedness (mean profiles, Figure 6)", "\n".join(body),
+                           [str(a.path) for a, _ in group]))
+    return out
+
+
+def _unique(names: list[str]) -> list[str]:
+    out, seen = [], {}
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
+    return out
+
+
+def counts_sections(arts: list[Artifact]) -> list[Section]:
+    """Saved ``actpat counts --json`` files (when not re-derived from their profiles)."""
+    out = []
+    for a in arts:
+        rows = a.data
+        n = max(len(r["layer_counts"]) for r in rows)
+        header = ["layer"] + [str(r.get("dataset") or r.get("run")) for r in rows]
+        table = [[i] + [r["layer_counts"][i] if i < len(r["layer_counts"]) else None
+                        for r in rows] for i in range(n)]
+        gammas = ", ".join(sorted({f"{r.get('gamma'):.3g} ({r.get('gamma_rule')})"
+                                   for r in rows}))
+        out.append(Section(f"counts-{len(out)}", f"Activated-weight counts ({a.path.name})",
+                           _table(header, table) + _settings([("gamma", gammas)]),
+                           [str(a.path)]))
+    return out
+
+
+# --------------------------------------------------------------------------- similarity
+
+
+def similarity_sections(arts: list[Artifact]) -> list[Section]:
+    """Within / cross-domain similarity: box plots per layer and a summary table."""
+    out = []
+    for a in arts:
+        d = a.data
+        comps = d.get("comparisons") or []
+        if not comps:
+            continue
+        plt = _plt()
+        n = len(comps)
+        cols = min(n, 3)
+        nrows = math.ceil(n / cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.2 * nrows), squeeze=False,
+                                 sharey=True)
+        for ax, c in zip(axes.flat, comps):
+            per_pair = [[v for v in col if v is not None and math.isfinite(v)]
+                        for col in zip(*c["per_pair"])]
+            ax.boxplot(per_pair, positions=range(len(per_pair)), widths=0.6, showfliers=False)
+            ax.set_xticks(range(0, len(per_pair), max(1, len(per_pair) // 8)))
+            ax.tick_params(labelsize=7)
+            ax.set_title(_comparison_name(c), fontsize=9)
+            ax.set_xlabel("decoder layer", fontsize=8)
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[n:]:
+            ax.axis("off")
+        axes[0][0].set_ylabel("pattern similarity", fontsize=8)
+        body = [_png_tag(_fig_bytes(fig), "similarity box plots per layer")]
+        layers = d.get("num_layers") or len(comps[0]["summary"]["median"])
+        half = layers // 2
+        rows = []
+        for c in comps:
+            med = [x for x in c["summary"]["median"]]
+            rows.append([_comparison_name(c), len(c.get("per_pair", [])),
+                         _mean(med[1:half]), _mean(med[half:]), _mean(med)])
+        body.append(_table(["comparison", "pairs", f"median sim, layers 1-{half - 1}",
+                            f"median sim, layers {half}-{layers - 1}", "median sim, all"],
+                           rows))
+        per_layer = [[i] + [c["summary"]["median"][i] for c in comps] for i in range(layers)]
+        body.append("<details><summary>median similarity per layer</summary>"
+                    + _table(["layer"] + [_comparison_name(c) for c in comps], per_layer)
+                    + "</details>")
+        sources = "; ".join(f"{k}: {v.get('source')}" for k, v in (d.get("datasets") or {}).items())
+        body.append(_settings([
+            ("model", _model_name(d.get("model"))), ("data source", sources),
+            ("pairs", d.get("pairs")), ("seq len", d.get("seq_len")),
+            ("objective", d.get("objective")), ("seed", d.get("seed")),
+            ("time", _timing(d.get("timing"))), ("versions", _versions(d.get("versions")))]))
+        out.append(Section(f"similarity-{len(out)}" if out else "similarity",
+                           f"Pattern similarity within and across domains ({a.path.parent.name})",
+                           "\n".join(body), [str(a.path)]))
+    return out
+
+
+def _comparison_name(c: dict) -> str:
+    a, b = (c.get("datasets") or ["?", "?"])[:2]
+    return f"within {a}" if c.get("kind") == "within" else f"{a} vs {b}"
+
+
+def _mean(xs) -> float | None:
+    v = [x for x in xs if x is not None and math.isfinite(x)]
+    return sum(v) / len(v) if v else None
+
+
+def _timing(t) -> str | None:
+    if not isinstance(t, dict):
+        return None
+    return ", ".join(f"{k} {_num(v)}" for k, v in t.items() if not isinstance(v, (dict, list)))
+
+
+# --------------------------------------------------------------------------- sts
+
+
+def sts_sections(arts: list[Artifact]) -> list[Section]:
+    """Spearman rho of pattern similarity vs human scores, per layer, with baselines."""
+    out = []
+    for a in arts:
+        d = a.data
+        rho = d.get("per_layer_spearman")
+        if not rho:
+            continue
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        x = list(range(len(rho)))
+        ax.plot(x, _nan(rho), marker="o", ms=3, label="parameter activation")
+        ci = d.get("per_layer_ci")
+        if ci and len(ci) == len(rho):
+            ax.fill_between(x, _nan([c[0] if c else None for c in ci]),
+                            _nan([c[1] if c else None for c in ci]), alpha=0.2)
+        for name, vals in (d.get("baselines") or {}).items():
+            ax.plot(range(len(vals)), _nan(vals), ls="--", label=name)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel("Spearman ρ vs human score")
+        ax.set_title(f"{d.get('dataset')}: {d.get('samples')} pairs", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        body = [_png_tag(_fig_bytes(fig), "STS Spearman rho per layer")]
+        bands = d.get("bands") or {}
+        if bands:
+            rows = [[name, f"[{b.get('start')}, {b.get('end')})", b.get("paper"), b.get("rho"),
+                     b.get("p"), _ci(b.get("ci"))] for name, b in bands.items()]
+            body.append("<p>Score of a pair = sum of its per-layer similarities over a band:</p>"
+                        + _table(["band", "layers", "paper band", "Spearman ρ", "p",
+                                  "95% CI"], rows))
+        best = d.get("best") or {}
+        if best:
+            body.append(_table(["signal", "best layer", "ρ"],
+                               [[k, v.get("layer"), v.get("rho")] for k, v in best.items()]))
+        per_layer = [[i, rho[i], (d.get("per_layer_p") or [None] * len(rho))[i]]
+                     + [v[i] if i < len(v) else None for v in (d.get("baselines") or {}).values()]
+                     for i in range(len(rho))]
+        body.append("<details><summary>ρ per layer</summary>"
+                    + _table(["layer", "ρ activation", "p"] + list(d.get("baselines") or {}),
+                             per_layer) + "</details>")
+        body.append(_settings([
+            ("model", _model_name(d.get("model"))), ("dataset", d.get("dataset")),
+            ("split", d.get("split")), ("data source", d.get("source")),
+            ("pairs", d.get("samples")), ("max tokens", d.get("max_tokens")),
+            ("objective", d.get("objective")), ("seed", d.get("seed")),
+            ("bootstrap", json.dumps(d.get("bootstrap")) if d.get("bootstrap") else None),
+            ("time", _timing(d.get("timing"))), ("versions", _versions(d.get("versions")))]))
+        out.append(Section(f"sts-{len(out)}" if out else "sts",
+                           f"Semantic similarity: {d.get('dataset')} (STS)", "\n".join(body),
+                           [str(a.path)]))
+    return out
+
+
+def _nan(xs) -> list[float]:
+    return [float("nan") if x is None else float(x) for x in xs]
+
+
+def _ci(c) -> str:
+    if not c or len(c) != 2 or c[0] is None:
+        return "n/a"
+    return f"[{_num(c[0], 3)}, {_num(c[1], 3)}]"
+
+
+# --------------------------------------------------------------------------- allocation
+
+
+def _layer_sparsities(d) -> list[float] | None:
+    """The per-layer sparsities of an allocation result, whatever the key it uses."""
+    if not isinstance(d, dict):
+        return None
+    for key in ("layer_sparsity", "layer_sparsities", "sparsities", "S_i", "s_i",
+                "per_layer", "allocation"):
+        v = d.get(key)
+        if isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
+            return [float(x) for x in v]
+        if isinstance(v, dict):
+            inner = _layer_sparsities(v)
+            if inner is not None:
+                return inner
+    return None
+
+
+def allocation_sections(arts: list[Artifact]) -> list[Section]:
+    """S_i per layer for every allocation found (one figure, one table)."""
+    curves = []
+    for a in arts:
+        s = _layer_sparsities(a.data)
+        if s is None:
+            continue
+        d = a.data
+        cfg = d.get("config") if isinstance(d.get("config"), dict) else d
+        method = cfg.get("method") or d.get("method") or a.path.stem
+        curves.append((a, str(method), cfg.get("sparsity", d.get("sparsity")), s, d))
+    if not curves:
+        return []
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for a, method, target, s, _ in curves:
+        ax.plot(range(len(s)), s, marker="o", ms=3, label=f"{method} ({a.path.parent.name})"
+                if len({c[1] for c in curves}) < len(curves) else method)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("layer sparsity S_i")
+    ax.set_title("Layer-wise sparsity allocation", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    body = [_png_tag(_fig_bytes(fig), "allocation curves")]
+    rows = []
+    for a, method, target, s, d in curves:
+        cfg = d.get("config") if isinstance(d.get("config"), dict) else d
+        rows.append([method, target, _mean(s), min(s), max(s), cfg.get("alpha"), cfg.get("beta"),
+                     _profile_label(d), str(a.path)])
+    body.append(_table(["method", "target S", "mean S_i", "min S_i", "max S_i", "α", "β",
+                        "profile / gamma", "file"], rows))
+    n = max(len(c[3]) for c in curves)
+    body.append("<details><summary>S_i per layer</summary>" + _table(
+        ["layer"] + [c[1] for c in curves],
+        [[i] + [c[3][i] if i < len(c[3]) else None for c in curves] for i in range(n)])
+        + "</details>")
+    return [Section("allocation", "Layer-wise sparsity allocation", "\n".join(body),
+                    [str(c[0].path) for c in curves])]
+
+
+def _profile_label(d: dict) -> str:
+    parts = []
+    for k in ("profile", "gamma", "gamma_rule", "seed"):
+        v = d.get(k)
+        if v is None and isinstance(d.get("counts"), dict):
+            v = d["counts"].get(k)
+        if v is not None:
+            parts.append(f"{k} {v if not isinstance(v, float) else _num(v, 3)}")
+    return ", ".join(parts) or "n/a"
+
+
+# --------------------------------------------------------------------------- pruning, eval
+
+
+def _eval_rows(d) -> list[tuple[str, str, float]]:
+    """(task, metric, value) rows from an evaluation result, whatever its nesting."""
+    rows = []
+    if not isinstance(d, dict):
+        return rows
+    src = d.get("results") if isinstance(d.get("results"), dict) else d.get("tasks")
+    if not isinstance(src, dict):
+        src = {k: v for k, v in d.items() if k in ("wikitext2", "boolq", "piqa", "siqa",
+                                                     "hellaswag", "mmlu", "perplexity")}
+    for task, v in src.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            rows.append((task, "value", float(v)))
+        elif isinstance(v, dict):
+            for m, x in v.items():
+                if m in ("acc", "acc_norm", "perplexity", "ppl", "word_perplexity", "acc_stderr",
+                         "acc_norm_stderr", "n", "samples", "limit") or m.startswith("acc"):
+                    if isinstance(x, (int, float)) and not isinstance(x, bool):
+                        rows.append((task, m, float(x)))
+    return rows
+
+
+def eval_sections(arts: list[Artifact]) -> list[Section]:
+    """One table: every evaluation found, a row per (run, task), metrics as columns."""
+    metrics: list[str] = []
+    table: dict[tuple[str, str], dict[str, float]] = {}
+    settings = []
+    for a in arts:
+        label = _model_name(a.data.get("model")) if a.data.get("model") else a.path.parent.name
+        run = f"{a.path.parent.name}/{a.path.name}"
+        for task, m, v in _eval_rows(a.data):
+            if m not in metrics:
+                metrics.append(m)
+            table.setdefault((run, task), {})[m] = v
+        settings.append([run, label, a.data.get("seq_len"), a.data.get("limit"),
+                         a.data.get("seed"), _versions(a.data.get("versions"))])
+    if not table:
+        return []
+    rows = [[run, task] + [vals.get(m) for m in metrics] for (run, task), vals in table.items()]
+    body = _table(["run", "task"] + metrics, rows)
+    body += _table(["run", "model", "seq len", "limit", "seed", "versions"], settings)
+    return [Section("evaluation", "Evaluation: perplexity and zero-shot accuracy", body,
+                    [str(a.path) for a in arts])]
+
+
+def prune_sections(arts: list[Artifact]) -> list[Section]:
+    """What was pruned, how, and the sparsity reached."""
+    rows = []
+    for a in arts:
+        d = a.data
+        alloc = d.get("allocation")
+        method = alloc.get("method") if isinstance(alloc, dict) else alloc
+        calib = d.get("calibration")
+        calib_label = (f"{calib.get('dataset')} [{calib.get('source')}] "
+                       f"{calib.get('samples')}×{calib.get('seq_len')}"
+                       if isinstance(calib, dict) else calib)
+        rows.append([a.path.parent.name, _model_name(d.get("model")), d.get("pruner"),
+                     d.get("pattern"), method, d.get("sparsity") or _get(alloc, "sparsity"),
+                     d.get("achieved_sparsity") or d.get("actual_sparsity"),
+                     calib_label, d.get("seed"), d.get("wall_time_s") or
+                     _get(d.get("timing"), "seconds")])
+    if not rows:
+        return []
+    body = _table(["pruned model", "model", "pruner", "pattern", "allocation", "target S",
+                   "achieved", "calibration", "seed", "time (s)"], rows)
+    versions = {_versions(a.data.get("versions")) for a in arts}
+    body += _settings([("versions", "; ".join(sorted(versions)))])
+    return [Section("pruning", "Pruning", body, [str(a.path) for a in arts])]
+
+
+def _get(d, key):
+    return d.get(key) if isinstance(d, dict) else None
+
+
+def figure_sections(arts: list[Artifact]) -> list[Section]:
+    """PNG figures found in run directories, embedded as they are."""
+    if not arts:
+        return []
+    body = []
+    for a in arts:
+        try:
+            png = a.path.read_bytes()
+        except OSError:
+            continue
+        if not png.startswith(b"\x89PNG"):
+            continue
+        body.append(f"<h3>{_esc(a.path.parent.name)}/{_esc(a.path.name)}</h3>"
+                    + _png_tag(png, a.path.name))
+    if not body:
+        return []
+    return [Section("figures", "Figures from the run directories", "\n".join(body),
+                    [str(a.path) for a in arts])]
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def build_sections(paths: Iterable[str | Path], gamma: float | None = None,
+                   gamma_quantile: float | None = 0.1) -> tuple[list[Section], list[str]]:
+    """Every section the artifacts under ``paths`` support, in the paper's order."""
+    arts, notes = find_artifacts(paths)
+    by = {k: [a for a in arts if a.kind == k] for k in
+          ("profile", "counts", "similarity", "relate", "sts", "allocation", "prune", "eval",
+           "figure")}
+    sections = []
+    sections += profile_sections(by["profile"], gamma, None if gamma is not None else
+                                 gamma_quantile)
+    if not by["profile"]:
+        sections += counts_sections(by["counts"])
+    for fn, kind in ((similarity_sections, "similarity"), (sts_sections, "sts"),
+                     (allocation_sections, "allocation"), (prune_sections, "prune"),
+                     (eval_sections, "eval"), (figure_sections, "figure")):
+        try:
+            sections += fn(by[kind])
+        except (KeyError, TypeError, ValueError, IndexError) as e:  # an unexpected layout
+            notes.append(f"{kind} results could not be drawn ({type(e).__name__}: {e}); "
+                         f"files: {', '.join(str(a.path) for a in by[kind])}")
+    return sections, notes
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;
+max-width:1100px;color:#222;line-height:1.4;padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;
+margin-top:2em} h3{font-size:1em}
+table{border-collapse:collapse;margin:.8em 0;font-size:.85em;display:block;overflow-x:auto;
+max-width:100%}
+th,td{border:1px solid #ddd;padding:.25em .5em;text-align:right}
+th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
+figure{margin:1em 0} img{max-width:100%;height:auto}
+dl.settings{display:grid;grid-template-columns:max-content auto;gap:.15em 1em;font-size:.8em;
+color:#444;background:#fafafa;padding:.6em;border:1px solid #eee}
+dl.settings dt{font-weight:600} dl.settings dd{margin:0}
+.note{color:#8a5a00;font-size:.9em} nav ul{columns:2} .sources{font-size:.75em;color:#777}
+"""
+
+# Records, after load, how many images failed to decode and how many loads the policy blocked.
+CHECK_SCRIPT = """
+var blocked=0;
+document.addEventListener('securitypolicyviolation',function(){blocked++;
+document.documentElement.setAttribute('data-blocked-loads',String(blocked));});
+window.addEventListener('load',function(){var bad=0,imgs=document.images;
+for(var i=0;i<imgs.length;i++){if(!imgs[i].complete||imgs[i].naturalWidth===0)bad++;}
+var r=document.documentElement;r.setAttribute('data-images',String(imgs.length));
+r.setAttribute('data-broken-images',String(bad));r.setAttribute('data-blocked-loads',String(blocked));
+r.setAttribute('data-rendered','yes');});
+"""
+
+CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+       "script-src 'unsafe-inline'")
+
+
+def render_html(sections: list[Section], notes: list[str], title: str = "actpat report") -> str:
+    from . import __version__
+
+    nav = "".join(f'<li><a href="#{s.id}">{_esc(s.title)}</a></li>' for s in sections)
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
+        f"<title>{_esc(title)}</title><style>{CSS}</style>",
+        f"<script>{CHECK_SCRIPT}</script></head><body>",
+        f"<h1>{_esc(title)}</h1>",
+        f"<p>Activation patterns of parameters (Wang et al., AAAI 2025). Generated "
+        f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC by actpat {__version__}.</p>",
+    ]
+    if sections:
+        parts.append(f"<nav><ul>{nav}</ul></nav>")
+    else:
+        parts.append('<p class="note">No results found in the given paths.</p>')
+    for s in sections:
+        src = ", ".join(_esc(x) for x in s.sources[:6]) + (" ..." if len(s.sources) > 6 else "")
+        parts.append(f'<section id="{_esc(s.id)}"><h2>{_esc(s.title)}</h2>{s.body}'
+                     f'<p class="sources">from: {src}</p></section>')
+    if notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f'<li class="note">{_esc(n)}</li>'
+                                                    for n in notes) + "</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(paths: Iterable[str | Path], out: str | Path, title: str = "actpat report",
+                 gamma: float | None = None, gamma_quantile: float | None = 0.1) -> dict:
+    """Write the page; return what it holds (section ids, notes, size)."""
+    out = Path(out)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise UserError(f"--out {out} should end in .html")
+    sections, notes = build_sections(list(paths), gamma, gamma_quantile)
+    page = render_html(sections, notes, title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out)
+    return {"out": str(out), "sections": [s.id for s in sections], "notes": notes,
+            "bytes": len(page.encode("utf-8"))}

@@ -1,0 +1,49 @@
+"""A tiny causal LM saved as a local Hugging Face directory, with a character-level tokenizer.
+
+Used by the command-line tests (errors, determinism, report): ``actpat ... --model <dir>`` runs
+in a second on CPU, with real tokenization of any text, offline.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+from tiny import VOCAB, tiny_model
+
+CHARS = string.printable[:95]  # digits, letters, punctuation, space: one token each
+SPECIAL = ["<unk>", "</s>"]
+
+
+def char_tokenizer():
+    """A fast tokenizer with one token per printable character (97 ids <= VOCAB)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL + list(CHARS))}
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>",
+                                   pad_token="</s>")
+
+
+def save_tiny_lm(path: str | Path, arch: str = "llama", seed: int = 0) -> str:
+    """Write a tiny ``arch`` model (context 128 tokens) and the char tokenizer to ``path``."""
+    path = Path(path)
+    model = tiny_model(arch, seed)
+    model.config.eos_token_id = model.config.pad_token_id = 1
+    model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def save_not_causal_lm(path: str | Path) -> str:
+    """A directory holding an encoder-decoder (T5) model: not a causal LM."""
+    import transformers as tf
+
+    path = Path(path)
+    cfg = tf.T5Config(vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    tf.T5ForConditionalGeneration(cfg).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return str(path)
