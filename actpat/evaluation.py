@@ -15,8 +15,11 @@ shifted NLL).
 Zero-shot (``boolq piqa siqa hellaswag mmlu``): lm-evaluation-harness's ``HFLM`` wraps the
 in-memory model and ``simple_evaluate`` runs the task configs of ``actpat.tasks`` (local JSONL
 when ``<data-dir>/<task>/<split>.jsonl`` exists, the hub otherwise); ``limit`` keeps the first N
-items. acc: argmax of the summed log-likelihood of each choice; acc_norm: of the log-likelihood
-divided by the choice's length in bytes (lm-eval's definition).
+items. acc: argmax of the summed log-likelihood of each choice (the continuation is
+target delimiter + choice, tokenized as lm-eval does: trailing context spaces move to the
+continuation, the pair is encoded whole and split after the context's tokens); acc_norm: argmax
+of the log-likelihood divided by the choice's length in characters (lm-eval 0.4.13's
+``acc_norm``; its byte-normalised variant is ``acc_bytes``, not reported).
 
 Every result states its data source and its size (``seq_len`` + ``windows``, or ``n``).
 """

@@ -1,0 +1,51 @@
+"""actpat eval: perplexity and zero-shot accuracy of a model or a pruned checkpoint."""
+
+from __future__ import annotations
+
+from ..cli import add_common
+from ..errors import UserError
+
+HELP = "perplexity (wikitext2, c4) and zero-shot acc/acc_norm (boolq piqa siqa hellaswag mmlu)"
+
+
+def add_arguments(p) -> None:
+    from ..evaluation import ALL_TASKS
+
+    p.add_argument("--model", required=True,
+                   help="alias (smollm2-135m), .gguf path, hub id, or a directory (e.g. from "
+                        "`actpat prune --save`)")
+    p.add_argument("--tasks", default=",".join(ALL_TASKS),
+                   help=f"comma-separated, any of {','.join(ALL_TASKS)} (default: all)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="perplexity: first N windows; zero-shot: first N items (default: all)")
+    p.add_argument("--seq-len", type=int, default=256, help="perplexity window (default 256)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--json", default=None, help="write {task: {metric: value, ...}} here")
+    add_common(p)
+
+
+def run(args) -> int:
+    from ..evaluation import evaluate, format_table, parse_tasks
+    from ..models import load_model
+    from ..profile import write_json
+
+    tasks = parse_tasks(args.tasks)
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1 (got {args.limit})")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    if args.seq_len < 2:
+        raise UserError(f"--seq-len must be at least 2 (got {args.seq_len})")
+    lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    context = getattr(lm.model.config, "max_position_embeddings", None)
+    if context and args.seq_len > context and any(t in ("wikitext2", "c4") for t in tasks):
+        raise UserError(f"--seq-len {args.seq_len} exceeds the model's context of {context} "
+                        "tokens; lower --seq-len")
+    results = evaluate(lm.model, lm.tokenizer, tasks, args.limit, args.seq_len, args.batch_size,
+                       args.data_dir, progress=not args.quiet)
+    print(f"# model: {args.model}  (perplexity: seq_len-1 predictions per window, first token "
+          "of each window not predicted)")
+    print(format_table(results))
+    if args.json:
+        write_json(args.json, results)
+    return 0

@@ -1,0 +1,276 @@
+"""The paper's pruning experiments end to end: Table 1 (validation 1) and calibration specificity
+(validation 2), each a list of configurations run one after another.
+
+A *configuration* is (pruner, allocation, sparsity, pattern, calibration set, seed) plus the
+evaluations to run on the pruned model. Each finished configuration is written at once to
+``<out>/configs/<name>.json`` (atomic write); a configuration whose JSON exists is skipped, so a
+killed run resumes where it stopped. Every configuration starts from a fresh copy of the model.
+
+Activation allocation: the counts N_i come from a profile of the calibration corpus (paper: C4),
+either ``Settings.profile_dir`` or computed once on the seed-0 calibration windows and saved in
+``<out>/counts-profile``; gamma is a quantile (``Settings.gamma_quantile``) and is recorded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from .errors import UserError
+from .evaluation import PERPLEXITY_SPLITS, evaluate
+from .profile import write_json
+
+CONFIG_DIR = "configs"
+COUNTS_PROFILE = "counts-profile"
+PPL = tuple(PERPLEXITY_SPLITS)  # ("wikitext2", "c4")
+ZERO_SHOT = ("boolq", "piqa", "siqa", "hellaswag", "mmlu")
+
+
+@dataclass
+class Settings:
+    """What every configuration of a reproduction shares (all recorded in each result)."""
+
+    model: str = "smollm2-135m"
+    data_dir: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    seq_len: int = 256  # perplexity window length
+    windows: int = 100  # perplexity: first N windows of each corpus
+    zero_shot_limit: int = 200  # zero-shot: first N items of each task
+    calib_samples: int = 64
+    calib_seq_len: int = 256
+    gamma_quantile: float = 0.1  # activated = top 10% of all scored weights (activation counts)
+    profile_dir: str | None = None  # counts profile to reuse (else computed on calibration data)
+    profile_samples: int = 64
+    batch_size: int = 4
+    progress: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    pruner: str | None  # None = dense
+    allocation: str = "uniform"
+    sparsity: float = 0.0
+    pattern: str = "unstructured"
+    calibration: str = "c4"
+    seed: int = 0
+    evals: tuple[str, ...] = PPL
+
+    @property
+    def name(self) -> str:
+        if self.pruner is None:
+            base = "dense"
+        else:
+            level = self.pattern.replace(":", "of") if self.pattern != "unstructured" \
+                else f"{self.sparsity:g}"
+            base = f"{self.pruner}-{self.allocation}-{level}-{self.calibration}-s{self.seed}"
+        return base + ("-zs" if any(t in ZERO_SHOT for t in self.evals) else "")
+
+
+# --------------------------------------------------------------------------- plans
+
+
+def table1_configs(sparsities=(0.5, 0.6, 0.7), seeds=(0, 1, 2), zero_shot: bool = True,
+                   allocations=("uniform", "activation", "owl", "alphapruning"),
+                   sparsegpt: bool = True, nm: bool = True) -> list[Config]:
+    """Table 1 in priority order: the cheapest most informative configurations first."""
+    out = [Config(None)]
+    first = [s for s in sparsities if s in (0.5, 0.6)] or list(sparsities)[:1]
+    rest = [s for s in sparsities if s not in first]
+    for s in first:  # 1. magnitude, Wanda uniform vs activation, seed 0
+        out += [Config("magnitude", "uniform", s), Config("wanda", "uniform", s),
+                Config("wanda", "activation", s)]
+    for seed in seeds[1:]:  # 2. seeds of the two rows the verdict rests on
+        for s in first:
+            out += [Config("wanda", "uniform", s, seed=seed),
+                    Config("wanda", "activation", s, seed=seed)]
+    for s in list(first) + rest:  # 3. the other allocators and SparseGPT, higher sparsity
+        if s in rest:
+            out += [Config("magnitude", "uniform", s), Config("wanda", "uniform", s),
+                    Config("wanda", "activation", s)]
+        out += [Config("wanda", a, s) for a in allocations if a not in ("uniform", "activation")]
+        if sparsegpt:
+            out += [Config("sparsegpt", "uniform", s), Config("sparsegpt", "activation", s)]
+    if nm:
+        out += [Config("wanda", "uniform", 0.5, "2:4"), Config("sparsegpt", "uniform", 0.5, "2:4")]
+    if zero_shot:  # 4. zero-shot at 50%
+        # perplexity of the same pruned models is in the rows above (same seed, deterministic)
+        out += [Config(None, evals=ZERO_SHOT)] + [
+            Config("wanda", a, 0.5, evals=ZERO_SHOT) for a in ("uniform", "activation", "owl")]
+    seen, plan = set(), []
+    for c in out:
+        if c.name not in seen:
+            seen.add(c.name)
+            plan.append(c)
+    return plan
+
+
+def calibration_configs(datasets=("boolq", "mmlu", "siqa", "hellaswag", "c4"),
+                        sparsity: float = 0.5, seed: int = 0) -> list[Config]:
+    """Validation 2: Wanda (uniform) calibrated on each dataset in turn, all five tasks each."""
+    return [Config(None, evals=ZERO_SHOT)] + [
+        Config("wanda", "uniform", sparsity, calibration=d, seed=seed, evals=ZERO_SHOT)
+        for d in datasets]
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class _Context:
+    settings: Settings
+    out: Path
+    corpora: dict = field(default_factory=dict)  # tokenized perplexity corpora, reused
+    counts: tuple | None = None  # (Counts, info) for the activation allocation
+
+
+def _load(settings: Settings):
+    from .models import load_model
+
+    return load_model(settings.model, settings.device, settings.dtype)
+
+
+def _calibration(lm, settings: Settings, cfg: Config):
+    from .calibration import calibration_sequences
+
+    return calibration_sequences(lm.tokenizer, cfg.calibration, settings.calib_samples,
+                                 settings.calib_seq_len, cfg.seed, data_dir=settings.data_dir)
+
+
+def _activation_counts(ctx: _Context, lm, calib):
+    """Counts from ``settings.profile_dir``, else from a profile saved under the run dir."""
+    if ctx.counts is not None:
+        return ctx.counts
+    from .allocation import activation_counts
+    from .profile import PROFILE_FILE, Profile, compute_profile
+
+    s = ctx.settings
+    if s.profile_dir:
+        ctx.counts = activation_counts(profile_dir=s.profile_dir, lm=lm,
+                                       gamma_quantile=s.gamma_quantile)
+        return ctx.counts
+    run = ctx.out / COUNTS_PROFILE
+    if not (run / PROFILE_FILE).exists():
+        seqs = calib.sequences[: s.profile_samples]
+        meta = {"model": lm.identity, "dataset": "c4", "split": "train",
+                "data_source": calib.source, "seq_len": s.calib_seq_len, "seed": 0,
+                "purpose": "activation counts for the activation allocation"}
+        compute_profile(lm, seqs, s.batch_size, meta=meta, progress=s.progress).save(run)
+    ctx.counts = activation_counts(profile_dir=str(run), lm=lm, gamma_quantile=s.gamma_quantile)
+    return ctx.counts
+
+
+def layer_sparsities(ctx: _Context, lm, cfg: Config, calib) -> tuple[list[float], dict]:
+    """S_i for ``cfg`` and what they were computed from."""
+    from .allocation import allocate
+    from .models import decoder_layers
+
+    if cfg.pattern != "unstructured":
+        n = len(decoder_layers(lm.model))
+        return [cfg.sparsity] * n, {"method": "uniform (N:M fixes every layer)"}
+    info: dict = {"method": cfg.allocation}
+    kwargs: dict = {"model": lm.model}
+    if cfg.allocation == "activation":
+        counts, source = _activation_counts(ctx, lm, calib)
+        kwargs["counts"] = counts.layer_counts
+        info["counts"] = source
+    if cfg.allocation == "owl":
+        kwargs["calib_inputs"] = calib.sequences
+        kwargs["batch_size"] = ctx.settings.batch_size
+    return allocate(cfg.allocation, cfg.sparsity, **kwargs), info
+
+
+def run_config(ctx: _Context, cfg: Config) -> dict:
+    """Prune a fresh model as ``cfg`` says, evaluate it, return the result record."""
+    from .profile import versions
+    from .pruning import prune_model
+
+    s = ctx.settings
+    start = time.perf_counter()
+    lm = _load(s)
+    record: dict = {"name": cfg.name, "config": asdict(cfg), "settings": asdict(s)}
+    if cfg.pruner is not None:
+        need_calib = cfg.pruner != "magnitude" or cfg.allocation in ("activation", "owl")
+        calib = _calibration(lm, s, cfg) if need_calib else None
+        if calib is not None:
+            record["calibration"] = {"dataset": cfg.calibration, "source": calib.source,
+                                     "samples": len(calib.sequences),
+                                     "seq_len": s.calib_seq_len, "seed": cfg.seed}
+        sparsities, info = layer_sparsities(ctx, lm, cfg, calib)
+        report = prune_model(lm.model, None if calib is None else calib.sequences, sparsities,
+                             cfg.pruner, cfg.pattern, batch_size=s.batch_size,
+                             progress=s.progress)
+        record["allocation"] = dict(info, sparsities=sparsities)
+        record["prune"] = {"achieved_sparsity": report["achieved_sparsity"],
+                           "target_sparsity": report["target_sparsity"],
+                           "layers_achieved": [x["achieved"] for x in report["layers"]],
+                           "seconds": report["seconds"]}
+    ppl_tasks = [t for t in cfg.evals if t in PPL]
+    zs_tasks = [t for t in cfg.evals if t in ZERO_SHOT]
+    results = {}
+    if ppl_tasks:
+        results.update(evaluate(lm.model, lm.tokenizer, ppl_tasks, s.windows, s.seq_len,
+                                s.batch_size, s.data_dir, s.progress, ctx.corpora))
+    if zs_tasks:
+        results.update(evaluate(lm.model, lm.tokenizer, zs_tasks, s.zero_shot_limit, s.seq_len,
+                                s.batch_size, s.data_dir, s.progress))
+    record["eval"] = results
+    record["wall_s"] = round(time.perf_counter() - start, 2)
+    record["versions"] = versions()
+    return record
+
+
+def result_path(out: str | Path, cfg: Config) -> Path:
+    return Path(out) / CONFIG_DIR / f"{cfg.name}.json"
+
+
+def run_plan(settings: Settings, out: str | Path, configs: list[Config],
+             log=print) -> list[dict]:
+    """Run ``configs`` in order, skipping those whose result JSON exists; return all results."""
+    import json
+
+    out = Path(out)
+    (out / CONFIG_DIR).mkdir(parents=True, exist_ok=True)
+    write_json(out / "settings.json", asdict(settings))
+    ctx = _Context(settings, out)
+    results = []
+    for i, cfg in enumerate(configs, 1):
+        path = result_path(out, cfg)
+        if path.exists():
+            results.append(json.loads(path.read_text()))
+            log(f"[{i}/{len(configs)}] {cfg.name}: done before, skipped")
+            continue
+        rec = run_config(ctx, cfg)
+        write_json(path, rec)
+        results.append(rec)
+        summary = ", ".join(
+            f"{t} {v['ppl']:.2f}" if "ppl" in v else f"{t} {v['acc']:.3f}"
+            for t, v in rec["eval"].items())
+        log(f"[{i}/{len(configs)}] {cfg.name}: {summary} ({rec['wall_s']:.0f}s)")
+    return results
+
+
+def load_results(out: str | Path) -> list[dict]:
+    import json
+
+    folder = Path(out) / CONFIG_DIR
+    if not folder.is_dir():
+        raise UserError(f"{out} holds no {CONFIG_DIR}/ folder; run `actpat reproduce` into it first")
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+
+
+def reproduce_table1(settings: Settings, out: str | Path, configs: list[Config] | None = None,
+                     log=print) -> list[dict]:
+    """Table 1 (validation 1): see ``table1_configs`` for the default plan."""
+    return run_plan(settings, out, configs if configs is not None else table1_configs(), log)
+
+
+def reproduce_calibration(settings: Settings, out: str | Path,
+                          configs: list[Config] | None = None, log=print) -> list[dict]:
+    """Validation 2: see ``calibration_configs``."""
+    return run_plan(settings, out, configs if configs is not None else calibration_configs(), log)
+
+
+def with_settings(settings: Settings, **changes) -> Settings:
+    return replace(settings, **changes)
