@@ -25,6 +25,9 @@ CONFIG_DIR = "configs"
 COUNTS_PROFILE = "counts-profile"
 PPL = tuple(PERPLEXITY_SPLITS)  # ("wikitext2", "c4")
 ZERO_SHOT = ("boolq", "piqa", "siqa", "hellaswag", "mmlu")
+# Calibration split per dataset: C4 train (perplexity uses validation). QA sets use their only
+# local split, rows after the first 200 (actpat.calibration), so evaluated items never calibrate.
+CALIBRATION_SPLITS = {"c4": "train"}
 
 
 @dataclass
@@ -134,8 +137,10 @@ def _load(settings: Settings):
 def _calibration(lm, settings: Settings, cfg: Config):
     from .calibration import calibration_sequences
 
+    split = CALIBRATION_SPLITS.get(cfg.calibration)  # never the evaluated split of a corpus
     return calibration_sequences(lm.tokenizer, cfg.calibration, settings.calib_samples,
-                                 settings.calib_seq_len, cfg.seed, data_dir=settings.data_dir)
+                                 settings.calib_seq_len, cfg.seed, split=split,
+                                 data_dir=settings.data_dir)
 
 
 def _activation_counts(ctx: _Context, lm, calib):
