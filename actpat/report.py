@@ -513,8 +513,9 @@ def _layer_sparsities(d) -> list[float] | None:
     return None
 
 
-def allocation_sections(arts: list[Artifact]) -> list[Section]:
-    """S_i per layer for every allocation found (one figure, one table)."""
+def allocation_sections(arts: list[Artifact], pruned: list[Artifact] = ()) -> list[Section]:
+    """S_i per layer for every allocation found (one figure, one table); pruned models' achieved
+    per-layer sparsity as dashed lines."""
     curves = []
     for a in arts:
         s = _layer_sparsities(a.data)
@@ -531,6 +532,11 @@ def allocation_sections(arts: list[Artifact]) -> list[Section]:
     for a, method, target, s, _ in curves:
         ax.plot(range(len(s)), s, marker="o", ms=3, label=f"{method} ({a.path.parent.name})"
                 if len({c[1] for c in curves}) < len(curves) else method)
+    for a in pruned:
+        got = a.data.get("achieved_per_layer")
+        if isinstance(got, list) and got:
+            ax.plot(range(len(got)), got, ls="--", lw=1,
+                    label=f"achieved: pruned/{a.path.parent.name}")
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("layer sparsity S_i")
     ax.set_title("Layer-wise sparsity allocation", fontsize=9)
@@ -567,46 +573,64 @@ def _profile_label(d: dict) -> str:
 # --------------------------------------------------------------------------- pruning, eval
 
 
+EVAL_METRICS = ("ppl", "perplexity", "acc", "acc_norm")
+EVAL_TASKS = ("wikitext2", "c4", "boolq", "piqa", "siqa", "hellaswag", "mmlu")
+
+
 def _eval_rows(d) -> list[tuple[str, str, float]]:
-    """(task, metric, value) rows from an evaluation result, whatever its nesting."""
+    """(task, metric, value) rows of an evaluation result ``{task: {metric: value}}``."""
     rows = []
     if not isinstance(d, dict):
         return rows
-    src = d.get("results") if isinstance(d.get("results"), dict) else d.get("tasks")
-    if not isinstance(src, dict):
-        src = {k: v for k, v in d.items() if k in ("wikitext2", "boolq", "piqa", "siqa",
-                                                     "hellaswag", "mmlu", "perplexity")}
+    src = d.get("results") if isinstance(d.get("results"), dict) else d
     for task, v in src.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            rows.append((task, "value", float(v)))
-        elif isinstance(v, dict):
-            for m, x in v.items():
-                if m in ("acc", "acc_norm", "perplexity", "ppl", "word_perplexity", "acc_stderr",
-                         "acc_norm_stderr", "n", "samples", "limit") or m.startswith("acc"):
-                    if isinstance(x, (int, float)) and not isinstance(x, bool):
-                        rows.append((task, m, float(x)))
+        if not isinstance(v, dict):
+            continue
+        for m in EVAL_METRICS:
+            x = v.get(m)
+            if isinstance(x, (int, float)) and not isinstance(x, bool):
+                rows.append((task, m, float(x)))
     return rows
 
 
+def _eval_size(v: dict) -> str:
+    if "windows" in v:
+        return f"{v.get('windows')} windows × {v.get('seq_len')} tokens"
+    if "n" in v:
+        return f"n = {v.get('n')}"
+    return ""
+
+
 def eval_sections(arts: list[Artifact]) -> list[Section]:
-    """One table: every evaluation found, a row per (run, task), metrics as columns."""
-    metrics: list[str] = []
-    table: dict[tuple[str, str], dict[str, float]] = {}
-    settings = []
+    """One table, a row per evaluated model and a column per (task, metric), then the sizes."""
+    columns: list[tuple[str, str]] = []
+    rows, sizes = [], {}
     for a in arts:
-        label = _model_name(a.data.get("model")) if a.data.get("model") else a.path.parent.name
-        run = f"{a.path.parent.name}/{a.path.name}"
+        label = a.path.stem if a.path.parent.name == "eval" else \
+            f"{a.path.parent.name}/{a.path.stem}"
+        values = {}
         for task, m, v in _eval_rows(a.data):
-            if m not in metrics:
-                metrics.append(m)
-            table.setdefault((run, task), {})[m] = v
-        settings.append([run, label, a.data.get("seq_len"), a.data.get("limit"),
-                         a.data.get("seed"), _versions(a.data.get("versions"))])
-    if not table:
+            if (task, m) not in columns:
+                columns.append((task, m))
+            values[(task, m)] = v
+        if not values:
+            continue
+        rows.append((label, values))
+        src = a.data.get("results") if isinstance(a.data.get("results"), dict) else a.data
+        for task, v in src.items():
+            if isinstance(v, dict) and task not in sizes:
+                sizes[task] = (_eval_size(v), v.get("source"))
+    if not rows:
         return []
-    rows = [[run, task] + [vals.get(m) for m in metrics] for (run, task), vals in table.items()]
-    body = _table(["run", "task"] + metrics, rows)
-    body += _table(["run", "model", "seq len", "limit", "seed", "versions"], settings)
+    order = {t: i for i, t in enumerate(EVAL_TASKS)}
+    columns.sort(key=lambda c: (order.get(c[0], 99), EVAL_METRICS.index(c[1])))
+    body = _table(["model"] + [f"{t} {m}" for t, m in columns],
+                  [[label] + [vals.get(c) for c in columns] for label, vals in rows])
+    body += "<p>Sizes and data:</p>" + _table(
+        ["task", "size", "source"], [[t, sz, src] for t, (sz, src) in sizes.items()])
+    body += ('<p class="note">acc: argmax of summed log-likelihood per choice; acc_norm: '
+             "normalised by the choice's length (lm-evaluation-harness); perplexity over "
+             "non-overlapping windows.</p>")
     return [Section("evaluation", "Evaluation: perplexity and zero-shot accuracy", body,
                     [str(a.path) for a in arts])]
 
@@ -622,11 +646,12 @@ def prune_sections(arts: list[Artifact]) -> list[Section]:
         calib_label = (f"{calib.get('dataset')} [{calib.get('source')}] "
                        f"{calib.get('samples')}×{calib.get('seq_len')}"
                        if isinstance(calib, dict) else calib)
+        target = d.get("target_sparsity", d.get("sparsity", _get(alloc, "sparsity")))
         rows.append([a.path.parent.name, _model_name(d.get("model")), d.get("pruner"),
-                     d.get("pattern"), method, d.get("sparsity") or _get(alloc, "sparsity"),
-                     d.get("achieved_sparsity") or d.get("actual_sparsity"),
-                     calib_label, d.get("seed"), d.get("wall_time_s") or
-                     _get(d.get("timing"), "seconds")])
+                     d.get("pattern"), method, target,
+                     d.get("achieved_sparsity", d.get("actual_sparsity")),
+                     calib_label, d.get("seed"),
+                     d.get("total_seconds", d.get("prune_seconds"))])
     if not rows:
         return []
     body = _table(["pruned model", "model", "pruner", "pattern", "allocation", "target S",
@@ -656,6 +681,8 @@ def figure_sections(arts: list[Artifact]) -> list[Section]:
                     + _png_tag(png, a.path.name))
     if not body:
         return []
+    body = [f"<details><summary>{len(body)} figures written by the commands</summary>"] + body \
+        + ["</details>"]
     return [Section("figures", "Figures from the run directories", "\n".join(body),
                     [str(a.path) for a in arts])]
 
@@ -676,7 +703,8 @@ def build_sections(paths: Iterable[str | Path], gamma: float | None = None,
     if not by["profile"]:
         sections += counts_sections(by["counts"])
     for fn, kind in ((similarity_sections, "similarity"), (sts_sections, "sts"),
-                     (allocation_sections, "allocation"), (prune_sections, "prune"),
+                     (lambda x: allocation_sections(x, by["prune"]), "allocation"),
+                     (prune_sections, "prune"),
                      (eval_sections, "eval"), (figure_sections, "figure")):
         try:
             sections += fn(by[kind])

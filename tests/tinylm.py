@@ -28,11 +28,18 @@ def char_tokenizer():
                                    pad_token="</s>")
 
 
-def save_tiny_lm(path: str | Path, arch: str = "llama", seed: int = 0) -> str:
-    """Write a tiny ``arch`` model (context 128 tokens) and the char tokenizer to ``path``."""
+def save_tiny_lm(path: str | Path, arch: str = "llama", seed: int = 0,
+                 context: int | None = None) -> str:
+    """Write a tiny ``arch`` model and the char tokenizer to ``path``.
+
+    The context is 128 tokens unless ``context`` is given (Llama-style rotary models run at any
+    length, so a larger declared context lets lm-eval feed long character-level items).
+    """
     path = Path(path)
     model = tiny_model(arch, seed)
     model.config.eos_token_id = model.config.pad_token_id = 1
+    if context is not None:
+        model.config.max_position_embeddings = context
     model.save_pretrained(path)
     char_tokenizer().save_pretrained(path)
     return str(path)
