@@ -146,26 +146,57 @@ class _Hooks:
         def hook(module, inputs, output):
             if not output.requires_grad:
                 return
+            if not any(_wants(sink, m) for sink in self.sinks):
+                return  # every sink already has this matrix (e.g. a batch retried after OOM)
             x = inputs[0].detach()
+            # the weight as used by this forward: with accelerate's CPU/disk offload the module's
+            # parameter is swapped back to "meta" after the layer ran, before the backward pass
+            w = _current_weight(m)
 
             def on_grad(g: torch.Tensor) -> None:
-                self._emit(m, x, g)
+                self._emit(m, x, g, w)
 
             output.register_hook(on_grad)
 
         return hook
 
-    def _emit(self, m: ScoredMatrix, x: torch.Tensor, g: torch.Tensor) -> None:
+    def _emit(self, m: ScoredMatrix, x: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> None:
         # per-sample weight gradient, (B, out, in): sum over the sample's own tokens of g x^T
         batch, tokens = self.token_mask.shape
-        x = x.reshape(batch, tokens, -1).float() * self.token_mask.unsqueeze(-1)
+        mask = self.token_mask.to(x.device)
+        x = x.reshape(batch, tokens, -1).float() * mask.unsqueeze(-1)
         g = g.reshape(batch, tokens, -1).float()
         grad = torch.bmm(g.transpose(1, 2), x)
-        acts = grad.abs_().mul_(m.weight.detach().float().abs().unsqueeze(0))
+        if w.device != grad.device:
+            w = w.to(grad.device)
+        acts = grad.abs_().mul_(w.float().abs().unsqueeze(0))
         if m.transposed:  # GPT-2 Conv1D stores its weight (in, out): keep the stored layout
             acts = acts.transpose(1, 2)
         for sink in self.sinks:
-            sink.add(m, acts)
+            if _wants(sink, m):
+                sink.add(m, acts)
+
+
+def _current_weight(m: ScoredMatrix) -> torch.Tensor:
+    """The matrix's weight (out, in) as this forward used it, also under accelerate offload.
+
+    With per-module offload hooks the parameter is back on "meta" when forward hooks run; the
+    offload hook's ``weights_map`` then holds the real tensor (CPU memory or a disk memmap).
+    """
+    w = m.weight.detach()
+    if w.device.type != "meta":
+        return w
+    weights = getattr(getattr(m.module, "_hf_hook", None), "weights_map", None)
+    if weights is None:
+        raise RuntimeError(f"{m.name}: weight is on the meta device and no offload hook holds it")
+    w = weights["weight"].detach()
+    return w.t() if m.transposed else w
+
+
+def _wants(sink, m: ScoredMatrix) -> bool:
+    """Sinks may define ``wants(matrix) -> bool`` to skip matrices (default: every matrix)."""
+    wants = getattr(sink, "wants", None)
+    return True if wants is None else bool(wants(m))
 
 
 def score_batch(

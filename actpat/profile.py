@@ -105,41 +105,163 @@ def versions() -> dict:
 def compute_profile(
     lm: LoadedModel,
     sequences: list[list[int]],
-    batch_size: int = 4,
+    batch_size: int | str = 4,
     objective: str = "max-logit",
     meta: dict | None = None,
     progress: bool = True,
+    *,
+    checkpoint=None,
+    dist=None,
+    max_memory: int | None = None,
 ) -> Profile:
-    """Mean activation map of ``sequences`` (right-padded batches, exact per-sample metric)."""
+    """Mean activation map of ``sequences`` (right-padded batches, exact per-sample metric).
+
+    ``batch_size``: an int, or ``"auto"`` (the largest batch that fits ``max_memory`` bytes,
+    default a safe share of free memory; see ``actpat.memory``). An out-of-memory error halves
+    the batch and retries it; no sample is lost or counted twice. ``checkpoint``: an
+    ``actpat.checkpointing.Checkpointer``; the loop resumes from its state and saves every
+    ``checkpoint.every`` samples. ``dist``: an ``actpat.distributed.Context`` (default: the
+    environment's); each rank scores its shard and the float32 sums are all-reduced, so every
+    rank returns the whole profile.
+    """
     from tqdm.auto import tqdm
 
+    from .checkpointing import LoopState
+    from .distributed import all_reduce_number, all_reduce_sums, current, shard_positions
+    from .memory import BatchPlanner, MemoryProbe, default_budget
+
     model = lm.model
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     mats = scored_matrices(model)
-    acc = MeanAccumulator()
+    ctx = dist or current()
+    mine = [sequences[i] for i in shard_positions(len(sequences), ctx)]
+    acc = _Accumulator()
+    tokens = cursor = 0
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is not None:
+        acc.sums, acc.count, tokens, cursor = state.sums, state.count, state.tokens, state.cursor
+        batch_size = state.batch_size or batch_size  # same batch boundaries as before the stop
+    budget = None
+    if batch_size == "auto":
+        budget = max_memory if max_memory is not None else default_budget(device)
+    planner = BatchPlanner(batch_size, budget)
+    probe = MemoryProbe(device)
     start = time.perf_counter()
-    tokens = 0
-    bar = tqdm(total=len(sequences), desc="profiling", unit="sample", disable=not progress)
-    for i in range(0, len(sequences), batch_size):
-        chunk = sequences[i:i + batch_size]
-        ids, mask = pad_batch(chunk, pad, device)
-        values = score_batch(model, ids, mask, [acc], objective, mats)
-        if not torch.isfinite(values).all():
-            raise UserError("the objective is not finite (overflow?); use --dtype float32")
-        tokens += int(mask.sum())
+    bar = tqdm(total=len(mine), initial=cursor, desc="profiling" + (
+        f" [rank {ctx.rank}/{ctx.world_size}]" if ctx.enabled else ""), unit="sample",
+        disable=not progress)
+    while cursor < len(mine):
+        size = planner.next_size(len(mine) - cursor)
+        chunk = mine[cursor:cursor + size]
+        before = probe.current()
+        measured = planner.probing and probe.reset_peak()
+        clean = _score_exactly(model, chunk, pad, device, acc, objective, mats, planner, set())
+        if measured and clean:
+            planner.observe(size, before, probe.peak())
+        acc.count += len(chunk)
+        tokens += sum(len(s) for s in chunk)
+        cursor += len(chunk)
         bar.update(len(chunk))
+        if checkpoint is not None and cursor < len(mine) and checkpoint.due(cursor):
+            checkpoint.save(LoopState(acc.sums, acc.count, tokens, cursor, planner.chosen or 0))
     bar.close()
-    maps = acc.mean()
+    if ctx.enabled:  # every rank needs every key, even one that scored no sample
+        for m in mats:
+            if m.name not in acc.sums:
+                acc.sums[m.name] = torch.zeros(m.module.weight.shape, dtype=torch.float32)
+        all_reduce_sums(acc.sums, ctx)
+        acc.count = int(all_reduce_number(acc.count, ctx))
+        tokens = int(all_reduce_number(tokens, ctx))
+    means = acc.mean()
+    maps = {m.name: means[m.name] for m in mats}  # model order (the backward pass runs reversed)
     for name, t in maps.items():
         if not torch.isfinite(t).all():
             raise UserError(f"non-finite activations in {name} (overflow in the model's dtype?); "
                             "use --dtype float32")
     info = dict(meta or {})
     info.update(objective=objective, samples=len(sequences), tokens_scored=tokens,
-                batch_size=batch_size, wall_time_s=round(time.perf_counter() - start, 3),
-                versions=versions())
+                batch_size=planner.chosen if planner.chosen is not None else batch_size,
+                wall_time_s=round(time.perf_counter() - start, 3), versions=versions())
+    if planner.requested == "auto" or planner.cap is not None:
+        info["batch_planner"] = planner.describe()
+    if ctx.enabled:
+        info["world_size"] = ctx.world_size
+    if state is not None:
+        info["resumed_at_sample"] = state.cursor
     return Profile(maps, {m.name: m.layer for m in mats}, {m.name: m.matrix for m in mats}, info)
+
+
+class _Accumulator(MeanAccumulator):
+    """The mean accumulator of the profile loop, made safe to retry a batch after OOM.
+
+    ``skip`` names matrices that already hold the current batch (their backward hooks ran
+    before the error); ``added`` records the matrices added in the current attempt.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skip: set[str] = set()
+        self.added: set[str] = set()
+
+    def wants(self, matrix) -> bool:
+        return matrix.name not in self.skip
+
+    def end_batch(self, n: int) -> None:
+        pass  # the loop counts a batch once, after all its retried parts succeeded
+
+    def add(self, matrix, acts: torch.Tensor) -> None:
+        held = self.sums.get(matrix.name)
+        if held is not None and held.device != acts.device:  # resumed (CPU) or offloaded model
+            self.sums[matrix.name] = held.to(acts.device)
+        super().add(matrix, acts)
+        self.added.add(matrix.name)
+
+
+def _score_exactly(model, chunk, pad, device, acc, objective, mats, planner, skip) -> bool:
+    """Score ``chunk`` into ``acc`` for every matrix not in ``skip``; on OOM split and retry.
+
+    Returns True when no OOM happened (the memory measurement of the batch is then valid).
+    """
+    from .memory import is_oom, release
+
+    acc.skip, acc.added = set(skip), set()
+    ids, mask = pad_batch(chunk, pad, device)
+    failed = None
+    try:
+        values = score_batch(model, ids, mask, [acc], objective, mats)
+    except (RuntimeError, MemoryError) as e:
+        if not is_oom(e):
+            raise
+        failed = type(e).__name__
+    if failed is None:
+        acc.skip = set()
+        if not torch.isfinite(values).all():
+            raise UserError("the objective is not finite (overflow?); use --dtype float32")
+        return True
+    done = skip | acc.added  # these matrices already hold every sample of the chunk
+    del ids, mask
+    release(device)
+    if len(chunk) == 1:
+        raise UserError("out of memory while scoring a single sample; lower --seq-len, use a "
+                        "smaller --dtype, or profile with --device-map auto --max-memory ...")
+    planner.shrink(len(chunk))
+    half = (len(chunk) + 1) // 2
+    for part in (chunk[:half], chunk[half:]):
+        _score_exactly(model, part, pad, device, acc, objective, mats, planner, done)
+    acc.skip = set()
+    return False
+
+
+def input_device(model) -> torch.device:
+    """Where input ids go: the first accelerator of a dispatched model, else the first weight's."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        for d in device_map.values():
+            if d not in ("cpu", "disk", "meta"):
+                return torch.device(d if isinstance(d, str) else f"cuda:{d}")
+        return torch.device("cpu")
+    return next(model.parameters()).device
 
 
 # --------------------------------------------------------------------------- counts

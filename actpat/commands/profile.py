@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..cli import add_common
 from ..errors import UserError
 
@@ -14,27 +16,87 @@ def add_arguments(p) -> None:
     p.add_argument("--split", default=None, help="default: the dataset's usual split")
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256, help="longer texts keep their first tokens")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", default="4",
+                   help="samples per forward+backward, or 'auto': the largest that fits "
+                        "--max-memory (an out-of-memory error halves the batch; default 4)")
     p.add_argument("--objective", default="max-logit", help="max-logit (paper) | nll")
     p.add_argument("--text-field", default="text", help="field of a local .jsonl file")
     p.add_argument("--template", default=None, help="e.g. 'Q: {question}\\nA:' for a .jsonl file")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    p.add_argument("--checkpoint-every", type=int, default=16, metavar="N",
+                   help="save accumulators and the sample cursor to OUT/checkpoint every N "
+                        "samples; the same command resumes from there (0: never; default 16)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute even if a finished profile with the same model, data, "
+                        "sampling, seq len, objective, seed and version exists")
+    p.add_argument("--max-memory", default=None,
+                   help="memory budget, e.g. 8GB: bounds the peak for --batch-size auto, or the "
+                        "weights kept on the compute device with --device-map auto (there also "
+                        "'cuda:0=20GiB,cpu=60GiB')")
+    p.add_argument("--device-map", default=None, choices=["auto"],
+                   help="spread the model over GPU / CPU / disk with accelerate (models larger "
+                        "than one device)")
     add_common(p)
 
 
 def run(args) -> int:
-    from ..data import sample_sequences
-    from ..models import load_model
-    from ..profile import PROFILE_FILE, SUMMARY_FILE, compute_profile
-    from ..runs import prepare_out_dir
+    from ..distributed import Context, init, local_device, shutdown
+    from ..memory import parse_batch_size, parse_size
+    from ..models import resolve_device
 
     if args.samples <= 0:
         raise UserError(f"--samples must be at least 1 (got {args.samples})")
-    if args.batch_size <= 0:
-        raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
-    out = prepare_out_dir(args.out, args.overwrite, owned=(PROFILE_FILE, SUMMARY_FILE, "checkpoint"))
-    lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    args.batch_size = parse_batch_size(args.batch_size)
+    if args.checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every must be >= 0 (got {args.checkpoint_every})")
+    budget = None
+    if args.max_memory and args.device_map is None:
+        if "=" in args.max_memory:
+            raise UserError("per-device --max-memory lists need --device-map auto; give one size")
+        budget = parse_size(args.max_memory)
+    ctx = Context.from_env()
+    if ctx.enabled and args.device_map:
+        raise UserError("--device-map auto runs in one process; drop torchrun/accelerate launch "
+                        "or --device-map")
+    device = local_device(args.device, ctx)
+    ctx = init(ctx, resolve_device(device))
+    try:
+        return _run(args, ctx, device, budget)
+    finally:
+        shutdown()
+
+
+def _run(args, ctx, device, budget) -> int:
+    from ..distributed import barrier
+    from ..models import load_model
+    from ..profile import PROFILE_FILE, SUMMARY_FILE
+    from ..runs import prepare_out_dir
+
+    if ctx.is_main:  # other ranks wait: rank 0 alone checks and creates --out
+        prepare_out_dir(args.out, args.overwrite, owned=(PROFILE_FILE, SUMMARY_FILE, "checkpoint"))
+    barrier(ctx)
+    out = Path(args.out)
+    if args.device_map:
+        import tempfile
+
+        from ..offload import load_dispatched
+
+        with tempfile.TemporaryDirectory(prefix="actpat-offload-") as offload_dir:
+            lm = load_dispatched(args.model, args.dtype, args.max_memory, offload_dir,
+                                 args.trust_remote_code)
+            return _profile(args, ctx, lm, out, budget)
+    lm = load_model(args.model, device, args.dtype, args.trust_remote_code)
+    return _profile(args, ctx, lm, out, budget)
+
+
+def _profile(args, ctx, lm, out, budget) -> int:
+    from ..checkpointing import Checkpointer, ProfileCache, cacheable, model_fingerprint, \
+        profile_key, reuse
+    from ..data import sample_sequences
+    from ..distributed import barrier, gather_objects
+    from ..profile import PROFILE_FILE, compute_profile, input_device
+
     context = getattr(lm.model.config, "max_position_embeddings", None)
     if context and args.seq_len > context:
         raise UserError(f"--seq-len {args.seq_len} exceeds the model's context of {context} "
@@ -44,10 +106,39 @@ def run(args) -> int:
     meta = {"model": lm.identity, "dataset": args.dataset, "split": samples.split,
             "data_source": samples.source, "seq_len": args.seq_len, "seed": args.seed,
             "sample_indices": samples.indices, "dtype": args.dtype,
-            "device": str(next(lm.model.parameters()).device)}
+            "device": str(input_device(lm.model))}
+    if args.device_map:
+        meta["device_map"] = lm.identity.get("device_map")
+    fingerprint = model_fingerprint(lm.identity, lm.model.config)
+    key = profile_key(fingerprint, args.dataset, samples.split, samples.source, samples.indices,
+                      args.seq_len, args.objective, args.seed, args.dtype,
+                      {"text_field": args.text_field, "template": args.template})
+    meta.update(model_fingerprint=fingerprint, cache_key=key)
+    cache = ProfileCache()
+    hit = None
+    if not args.no_cache and cacheable(fingerprint):
+        hit = gather_objects(cache.lookup(key, prefer=out) if ctx.is_main else None, ctx)[0]
+    if hit is not None:
+        if ctx.is_main:
+            reuse(hit, out)
+            print(f"reused the cached profile of the same model, data, sampling and options "
+                  f"({hit}) -> {out}/{PROFILE_FILE}; --no-cache recomputes")
+        return 0
+    checkpoint = None
+    if args.checkpoint_every:
+        checkpoint = Checkpointer(out, args.checkpoint_every, key, ctx.rank, ctx.world_size)
     profile = compute_profile(lm, samples.sequences, args.batch_size, args.objective, meta,
-                              progress=not args.quiet)
-    profile.save(out)
+                              progress=not args.quiet and ctx.is_main, checkpoint=checkpoint,
+                              dist=ctx, max_memory=budget)
+    if ctx.is_main:
+        profile.save(out)
+        if cacheable(fingerprint):
+            cache.remember(key, out)
+    barrier(ctx)
+    if checkpoint is not None:
+        checkpoint.clear()
+    if not ctx.is_main:
+        return 0
     m = profile.meta
     print(f"profiled {m['samples']} samples ({m['tokens_scored']} tokens) of {args.dataset} "
           f"[{samples.source}] in {m['wall_time_s']:.1f}s -> {out}/{PROFILE_FILE}")
