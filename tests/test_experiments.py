@@ -1,0 +1,80 @@
+"""Experiments: configurations run on a tiny model, results written per configuration, resume."""
+
+import json
+
+import pytest
+from tinylm import save_tiny_lm
+
+from actpat.cli import main
+from actpat.experiments import (Config, Settings, calibration_configs, result_path, run_plan,
+                                table1_configs)
+
+
+def _data(root):
+    texts = [f"Document {i} talks about cats, dogs and the weather in town {i}." for i in range(30)]
+    (root / "c4").mkdir(parents=True)
+    for split in ("train", "validation"):
+        (root / "c4" / f"{split}.jsonl").write_text(
+            "".join(json.dumps({"text": t + (" " + split) * 3}) + "\n" for t in texts))
+    (root / "wikitext2").mkdir()
+    (root / "wikitext2" / "test.txt").write_text(" \n = T = \n \n" + " A line of text here .\n" * 20)
+    return str(root)
+
+
+@pytest.fixture()
+def tiny_run(tmp_path):
+    settings = Settings(model=save_tiny_lm(tmp_path / "m"), data_dir=_data(tmp_path / "data"),
+                        seq_len=16, windows=3, calib_samples=4, calib_seq_len=16,
+                        profile_samples=4, batch_size=2)
+    plan = [Config(None), Config("wanda", "uniform", 0.5), Config("wanda", "activation", 0.5),
+            Config("magnitude", "uniform", 0.6)]
+    return settings, plan, tmp_path / "run"
+
+
+def test_plan_runs_then_resumes_without_recomputing(tiny_run):
+    settings, plan, out = tiny_run
+    logs = []
+    first = run_plan(settings, out, plan, log=logs.append)
+    assert [r["name"] for r in first] == [c.name for c in plan]
+    dense, uni, act, mag = first
+    assert dense["eval"]["wikitext2"]["windows"] == 3 and dense["eval"]["c4"]["seq_len"] == 16
+    assert "prune" not in dense
+    for r in (uni, act):
+        assert r["prune"]["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
+        assert r["calibration"]["source"].endswith("train.jsonl")  # never the evaluated split
+        assert r["eval"]["wikitext2"]["ppl"] > 1
+    assert act["allocation"]["counts"]["gamma_rule"] == "quantile=0.1"
+    assert sum(act["allocation"]["sparsities"]) / len(act["allocation"]["sparsities"]) \
+        == pytest.approx(0.5, abs=1e-6)
+    assert act["allocation"]["sparsities"] != uni["allocation"]["sparsities"]
+    assert mag["prune"]["achieved_sparsity"] == pytest.approx(0.6, abs=0.01)
+    assert (out / "counts-profile" / "profile.safetensors").exists()
+
+    mtimes = {c.name: result_path(out, c).stat().st_mtime_ns for c in plan}
+    logs.clear()
+    second = run_plan(settings, out, plan, log=logs.append)
+    assert all("skipped" in line for line in logs) and len(logs) == len(plan)
+    assert {c.name: result_path(out, c).stat().st_mtime_ns for c in plan} == mtimes
+    assert second == json.loads(json.dumps(first, default=str))  # as read back from disk
+
+    # a killed run: the last result missing -> only it is recomputed, to the same numbers
+    result_path(out, plan[1]).unlink()
+    logs.clear()
+    third = run_plan(settings, out, plan, log=logs.append)
+    assert sum("skipped" in line for line in logs) == len(plan) - 1
+    for task in ("wikitext2", "c4"):
+        assert third[1]["eval"][task]["ppl"] == pytest.approx(first[1]["eval"][task]["ppl"],
+                                                              rel=1e-6)
+
+
+def test_plans_and_cli(tmp_path, capsys):
+    names = [c.name for c in table1_configs()]
+    assert names[0] == "dense" and len(names) == len(set(names))
+    assert "wanda-activation-0.5-c4-s2" in names and "sparsegpt-uniform-2of4-c4-s0" in names
+    cal = calibration_configs()
+    assert [c.calibration for c in cal[1:]] == ["boolq", "mmlu", "siqa", "hellaswag", "c4"]
+    assert main(["reproduce", "table1", "--out", str(tmp_path / "r"), "--plan",
+                 "--sparsities", "0.5", "--seeds", "0"]) == 0
+    assert "wanda-activation-0.5-c4-s0" in capsys.readouterr().out
+    assert main(["reproduce", "table1", "--out", str(tmp_path / "r"), "--only", "nope"]) == 2
+    assert "unknown configuration 'nope'" in capsys.readouterr().err
