@@ -279,3 +279,96 @@ def reproduce_calibration(settings: Settings, out: str | Path,
 
 def with_settings(settings: Settings, **changes) -> Settings:
     return replace(settings, **changes)
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def _row_key(rec: dict) -> tuple:
+    c = rec["config"]
+    if c["pruner"] is None:
+        return ("dense", "-", "-")
+    level = c["pattern"] if c["pattern"] != "unstructured" else f"{c['sparsity']:g}"
+    return (c["pruner"], c["allocation"], level)
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """One row per (pruner, allocation, level): each metric as mean, half-range and seeds.
+
+    Perplexity rows come from configurations evaluated on wikitext2/c4, zero-shot columns from
+    those evaluated on the QA tasks; calibration seeds are pooled (``seeds`` lists them).
+    """
+    rows: dict[tuple, dict] = {}
+    for rec in results:
+        key = _row_key(rec) + (rec["config"].get("calibration", "c4"),)
+        row = rows.setdefault(key, {"pruner": key[0], "allocation": key[1], "level": key[2],
+                                    "calibration": key[3], "metrics": {}, "seeds": set(),
+                                    "achieved": []})
+        if rec["config"]["pruner"] is not None:
+            row["seeds"].add(rec["config"]["seed"])
+            row["achieved"].append(rec["prune"]["achieved_sparsity"])
+        for task, r in rec["eval"].items():
+            for metric in ("ppl", "acc", "acc_norm"):
+                if metric in r:
+                    m = row["metrics"].setdefault(f"{task}:{metric}", {"values": [], "size": None,
+                                                                        "source": r["source"]})
+                    m["values"].append(r[metric])
+                    m["size"] = (f"{r['windows']}x{r['seq_len']}" if metric == "ppl"
+                                 else f"n={r['n']}")
+    out = []
+    for row in rows.values():
+        for m in row["metrics"].values():
+            v = m["values"]
+            m["mean"] = sum(v) / len(v)
+            m["half_range"] = (max(v) - min(v)) / 2
+            m["runs"] = len(v)
+        row["seeds"] = sorted(row["seeds"])
+        out.append(row)
+    return out
+
+
+def _cell(row: dict, key: str, fmt: str = "{:.2f}") -> str:
+    m = row["metrics"].get(key)
+    if m is None:
+        return "–"
+    text = fmt.format(m["mean"])
+    if m["runs"] > 1:
+        text += f" ± {fmt.format(m['half_range'])} ({m['runs']} seeds)"
+    return text
+
+
+def table_markdown(results: list[dict], tasks_ppl=PPL, tasks_zs=ZERO_SHOT) -> str:
+    """Markdown tables: perplexity rows, then zero-shot rows (only rows that have them)."""
+    rows = summarize(results)
+    order = {"dense": 0, "magnitude": 1, "wanda": 2, "sparsegpt": 3}
+    alloc = {"-": 0, "uniform": 1, "activation": 2, "owl": 3, "alphapruning": 4}
+    rows.sort(key=lambda r: (r["level"] if r["level"] != "-" else "", order.get(r["pruner"], 9),
+                             alloc.get(r["allocation"], 9), r["calibration"]))
+    lines = []
+    ppl_rows = [r for r in rows if any(f"{t}:ppl" in r["metrics"] for t in tasks_ppl)]
+    if ppl_rows:
+        lines += ["| sparsity | pruner | allocation | achieved | "
+                  + " | ".join(f"{t} ppl" for t in tasks_ppl) + " |",
+                  "|---|---|---|---|" + "---|" * len(tasks_ppl)]
+        for r in ppl_rows:
+            ach = f"{sum(r['achieved']) / len(r['achieved']):.4f}" if r["achieved"] else "0"
+            lines.append(f"| {r['level']} | {r['pruner']} | {r['allocation']} | {ach} | "
+                         + " | ".join(_cell(r, f"{t}:ppl") for t in tasks_ppl) + " |")
+    zs_rows = [r for r in rows if any(f"{t}:acc" in r["metrics"] for t in tasks_zs)]
+    if zs_rows:
+        lines += ["", "| sparsity | pruner | allocation | calibration | "
+                  + " | ".join(f"{t} acc / acc_norm" for t in tasks_zs) + " | mean acc |",
+                  "|---|---|---|---|" + "---|" * (len(tasks_zs) + 1)]
+        for r in zs_rows:
+            cells = []
+            accs = []
+            for t in tasks_zs:
+                a, n = r["metrics"].get(f"{t}:acc"), r["metrics"].get(f"{t}:acc_norm")
+                cells.append("–" if a is None else f"{a['mean']:.3f} / {n['mean']:.3f}")
+                if a is not None:
+                    accs.append(a["mean"])
+            mean = f"{sum(accs) / len(accs):.3f}" if accs else "–"
+            lines.append(f"| {r['level']} | {r['pruner']} | {r['allocation']} | "
+                         f"{r['calibration'] if r['pruner'] != 'dense' else '-'} | "
+                         + " | ".join(cells) + f" | {mean} |")
+    return "\n".join(lines)

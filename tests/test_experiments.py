@@ -7,7 +7,7 @@ from tinylm import save_tiny_lm
 
 from actpat.cli import main
 from actpat.experiments import (Config, Settings, calibration_configs, result_path, run_plan,
-                                table1_configs)
+                                table1_configs, table_markdown)
 
 
 def _data(root):
@@ -56,6 +56,9 @@ def test_plan_runs_then_resumes_without_recomputing(tiny_run):
     assert all("skipped" in line for line in logs) and len(logs) == len(plan)
     assert {c.name: result_path(out, c).stat().st_mtime_ns for c in plan} == mtimes
     assert second == json.loads(json.dumps(first, default=str))  # as read back from disk
+
+    table = table_markdown(second)
+    assert "| 0.5 | wanda | activation |" in table and "| - | dense | - |" in table
 
     # a killed run: the last result missing -> only it is recomputed, to the same numbers
     result_path(out, plan[1]).unlink()
