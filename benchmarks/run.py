@@ -273,7 +273,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", default="actpat-b1,actpat-b4,actpat-b8,authors,plain-b1,plain-b4")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=int, default=600, help="per variant run, seconds")
+    p.add_argument("--timeout", type=int, default=1200, help="per variant run, seconds")
     p.add_argument("--no-markdown", action="store_true", help="do not append to BENCHMARKS.md")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--seq-len", type=int, default=256, help=argparse.SUPPRESS)
@@ -292,8 +292,8 @@ def main(argv=None) -> int:
               "seq_lens": seq_lens, "load_start": [round(x, 2) for x in os.getloadavg()],
               "rows": []}
     start = time.perf_counter()
-    for k in range(args.repeats):
-        for t in seq_lens:
+    for t in seq_lens:  # one sequence length at a time, so a cut-short run has whole tables
+        for k in range(args.repeats):
             for v in variants:
                 row = run_variant(v, t, args.samples, args.seed, args.timeout)
                 row["repeat"] = k

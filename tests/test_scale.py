@@ -1,0 +1,236 @@
+"""Scale: distributed profiling (2 gloo processes), auto batch size and OOM halving, offload."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import actpat.memory as memory
+import actpat.profile as profile_mod
+from actpat.distributed import Context, shard, shard_positions
+from actpat.errors import UserError
+from actpat.memory import BatchPlanner, is_oom, parse_size
+from actpat.profile import Profile, compute_profile
+from reference import autograd_activations
+from tiny import tiny_model
+from tinylm import save_tiny_lm
+
+ROOT = Path(__file__).resolve().parents[1]
+PROSE = ROOT / "actpat" / "probes" / "prose.txt"
+
+
+class LM:  # the parts of LoadedModel that compute_profile uses
+    def __init__(self, model):
+        self.model = model
+        self.tokenizer = type("T", (), {"pad_token_id": 0})()
+
+
+def _seqs(n, seed=0, lo=4, hi=20):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 101, (int(torch.randint(lo, hi, (1,), generator=g)),),
+                          generator=g).tolist() for _ in range(n)]
+
+
+def _max_rel(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-30)) for k in a)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def test_shard_covers_every_sample_once():
+    items = list(range(11))
+    parts = [shard(items, Context(r, 3)) for r in range(3)]
+    assert sorted(sum(parts, [])) == items
+    assert [len(p) for p in parts] == [4, 4, 3]
+    assert shard_positions(11, Context(1, 3)) == parts[1]
+
+
+def test_context_from_env_validates():
+    assert Context.from_env({}) == Context(0, 1, 0)
+    assert Context.from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}).rank == 1
+    with pytest.raises(UserError):
+        Context.from_env({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+def _cli(args, env_extra=None, timeout=300):
+    env = dict(os.environ, **(env_extra or {}))
+    env.setdefault("ACTPAT_DATA_DIR", str(ROOT))
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=ROOT)
+
+
+def test_torchrun_two_gloo_processes_equal_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2 -m actpat profile` == the single-process profile."""
+    model_dir = save_tiny_lm(tmp_path / "lm")
+    common = ["--model", model_dir, "--dataset", str(PROSE), "--samples", "7", "--seq-len", "40",
+              "--batch-size", "2", "--device", "cpu", "--quiet", "--no-cache"]
+    env = {"ACTPAT_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    single = _cli([sys.executable, "-m", "actpat", "profile", *common, "--out",
+                   str(tmp_path / "one")], env)
+    assert single.returncode == 0, single.stderr
+    torchrun = Path(sys.executable).with_name("torchrun")
+    multi = _cli([str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                  "-m", "actpat", "profile", *common, "--out", str(tmp_path / "two")], env)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    a, b = Profile.load(tmp_path / "two"), Profile.load(tmp_path / "one")
+    assert a.meta["world_size"] == 2 and b.meta.get("world_size") is None
+    assert a.meta["samples"] == b.meta["samples"] == 7
+    assert a.meta["tokens_scored"] == b.meta["tokens_scored"]
+    assert _max_rel(a.maps, b.maps) <= 1e-6
+    assert not (tmp_path / "two" / "checkpoint").exists()
+    # only rank 0 wrote: the run directory holds exactly the profile and its summary
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["profile.safetensors",
+                                                                    "summary.json"]
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def test_parse_size_and_oom_detection():
+    assert parse_size("4GB") == 4 * 10**9
+    assert parse_size("512MiB") == 512 * 2**20
+    assert parse_size("1.5kb") == 1500
+    with pytest.raises(UserError):
+        parse_size("lots")
+    assert is_oom(torch.OutOfMemoryError("CUDA out of memory"))
+    assert is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried ..."))
+    assert is_oom(MemoryError())
+    assert not is_oom(RuntimeError("shape mismatch"))
+    with pytest.raises(UserError):
+        BatchPlanner(0)
+
+
+def test_planner_fits_largest_batch_inside_budget():
+    # base 1000 B, fixed transient 100 B, 50 B per sample: budget 1000 + 100 + 50 * 7 + 10
+    p = BatchPlanner("auto", budget=1000 + 100 + 50 * 7 + 10)
+    assert p.next_size(100) == 1
+    p.observe(1, 1000, 1000 + 100 + 50)
+    assert p.next_size(100) == 2
+    p.observe(2, 1000, 1000 + 100 + 100)
+    assert p.chosen == 7 and p.next_size(100) == 7 and p.next_size(3) == 3
+    p.shrink(7)
+    assert p.next_size(100) == 3
+    tight = BatchPlanner("auto", budget=1000)  # nothing fits: still one sample at a time
+    tight.observe(1, 1000, 1200)
+    tight.observe(2, 1000, 1300)
+    assert tight.chosen == 1
+
+
+def test_auto_batch_size_under_a_small_budget_is_exact(monkeypatch):
+    """--batch-size auto with a budget fitting 3 samples: batches 1, 2, then 3; exact result."""
+    model = tiny_model("llama")
+    seqs = _seqs(10, seed=1)
+    seen = []
+    orig = profile_mod.score_batch
+
+    def recording(model, ids, mask, sinks, objective, mats):
+        seen.append(ids.shape[0])
+        return orig(model, ids, mask, sinks, objective, mats)
+
+    class FakeProbe:  # memory grows by 1000 B per sample in the batch being scored
+        def __init__(self, device):
+            pass
+
+        def current(self):
+            return 10_000
+
+        def reset_peak(self):
+            return True
+
+        def peak(self):
+            return 10_000 + 500 + 1000 * seen[-1]
+
+    monkeypatch.setattr(profile_mod, "score_batch", recording)
+    monkeypatch.setattr(memory, "MemoryProbe", FakeProbe)
+    prof = compute_profile(LM(model), seqs, "auto", progress=False, max_memory=10_000 + 500 + 3400)
+    assert seen == [1, 2, 3, 3, 1]
+    assert prof.meta["batch_size"] == 3 and prof.meta["batch_planner"]["chosen"] == 3
+    assert _max_rel(prof.maps, autograd_activations(model, seqs)) <= 1e-5
+
+
+def test_real_memory_probe_measures_cpu_peak():
+    probe = memory.MemoryProbe("cpu")
+    if not probe.reset_peak():
+        pytest.skip("/proc/self/clear_refs not writable here")
+    before = probe.current()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    del block
+    assert probe.peak() - before >= 50 * 2**20
+
+
+@pytest.mark.parametrize("fail_at", [1, 5])  # in the first backward hook, or after 4 matrices
+def test_oom_halves_the_batch_and_loses_no_sample(monkeypatch, fail_at):
+    model = tiny_model("qwen2")
+    seqs = _seqs(7, seed=2)
+    seen = []
+    orig = profile_mod.score_batch
+
+    def flaky(model, ids, mask, sinks, objective, mats):
+        seen.append(ids.shape[0])
+        calls = {"n": 0}
+
+        class Boom:  # runs before the accumulator: matrices before fail_at are already added
+            def add(self, m, acts):
+                calls["n"] += 1
+                if acts.shape[0] > 2 and calls["n"] == fail_at:
+                    raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+        return orig(model, ids, mask, [Boom(), *sinks], objective, mats)
+
+    monkeypatch.setattr(profile_mod, "score_batch", flaky)
+    prof = compute_profile(LM(model), seqs, 4, progress=False)
+    assert seen == [4, 2, 2, 2, 1]
+    assert prof.meta["samples"] == 7 and prof.meta["batch_planner"]["capped_after_oom"] == 2
+    assert _max_rel(prof.maps, autograd_activations(model, seqs)) <= 1e-5
+
+
+def test_oom_on_a_single_sample_is_a_user_error(monkeypatch):
+    def always(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(profile_mod, "score_batch", always)
+    with pytest.raises(UserError, match="single sample"):
+        compute_profile(LM(tiny_model("llama")), _seqs(3), 2, progress=False)
+
+
+# --------------------------------------------------------------------------- offload
+
+
+@pytest.mark.parametrize("budget", ["20KB", "60KB"])  # everything on disk / embeddings in RAM
+def test_device_map_offload_profile_equals_plain(tmp_path, budget):
+    from actpat.models import load_model
+    from actpat.offload import load_dispatched
+
+    model_dir = save_tiny_lm(tmp_path / "lm", "llama")
+    seqs = _seqs(5, seed=3)
+    plain = compute_profile(load_model(model_dir, "cpu"), seqs, 2, progress=False)
+    lm = load_dispatched(model_dir, max_memory=budget, offload_dir=tmp_path / "off")
+    assert "disk" in lm.identity["device_map"]
+    off = compute_profile(lm, seqs, 2, progress=False)
+    assert _max_rel(off.maps, plain.maps) <= 1e-6
+
+
+@pytest.mark.slow
+def test_smollm2_with_a_small_memory_budget_equals_unconstrained(tmp_path, smollm2):
+    """SmolLM2 dispatched with 150 MB of RAM for weights (the rest on disk) == plain run."""
+    from actpat.offload import load_dispatched
+
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(10, 40000, (24,), generator=g).tolist() for _ in range(2)]
+    plain = compute_profile(smollm2, seqs, 2, progress=False)
+    lm = load_dispatched("smollm2-135m", max_memory="150MB", offload_dir=tmp_path / "off")
+    assert lm.identity["device_map"].get("disk", 0) >= 1
+    off = compute_profile(lm, seqs, 2, progress=False)
+    assert _max_rel(off.maps, plain.maps) <= 1e-6
