@@ -1,0 +1,192 @@
+"""The paper's similarity experiments end to end (Findings 2-3, Validation 3), resumable.
+
+* ``reproduce_similarity``: within-domain pairs of every dataset and cross-domain pairs of every
+  two datasets from one joint pass (``actpat.similarity.group_batches``); each finished batch is
+  appended to ``OUT/checkpoint.jsonl``, so an interrupted run resumes where it stopped. The same
+  pass accumulates each dataset's mean activation map (saved as profiles under
+  ``OUT/profiles/<dataset>/``, for ``reproduce_relatedness``). Writes ``OUT/similarity.json``
+  (the format of ``actpat similarity``) and its figures.
+* ``reproduce_relatedness``: the dataset x dataset matrix from saved profiles (``actpat relate``
+  format) and its heatmaps, ``OUT/relate.json``, ``OUT/relatedness_<band>.png``.
+* ``reproduce_sts``: ``actpat sts`` on a pairs dataset, ``OUT/sts.json`` + ``OUT/sts_layers.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .models import LoadedModel, ScoredMatrix
+
+FINDING2_DATASETS = ("boolq", "mmlu", "humaneval", "siqa", "hellaswag", "c4", "wikitext2")
+CHECKPOINT = "checkpoint.jsonl"
+
+
+class GroupMeans:
+    """Sink: per group (2 consecutive batch slots per group), the running sum of A(s, w)."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.sums: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
+        self.count = 0  # samples per group
+
+    def add(self, matrix: ScoredMatrix, acts: torch.Tensor) -> None:
+        for g, n in enumerate(self.names):
+            s = acts[2 * g:2 * g + 2].sum(0)
+            if matrix.name in self.sums[n]:
+                self.sums[n][matrix.name] += s
+            else:
+                self.sums[n][matrix.name] = s.clone()
+
+    def end_batch(self, n: int) -> None:
+        self.count += 2
+
+    def profiles(self, mats: list[ScoredMatrix], meta: dict) -> dict:
+        from .profile import Profile
+
+        return {n: Profile({k: (v / max(1, self.count)).cpu() for k, v in self.sums[n].items()},
+                           {m.name: m.layer for m in mats}, {m.name: m.matrix for m in mats},
+                           dict(meta, dataset=n, samples=self.count))
+                for n in self.names}
+
+
+def _pack(res) -> dict:
+    sims, per_type = res
+    return {"layer": [float(x) for x in sims],
+            "matrix": {t: [float(x) for x in v] for t, v in per_type.items()}}
+
+
+def _unpack(d) -> tuple[np.ndarray, dict]:
+    return np.array(d["layer"]), {t: np.array(v) for t, v in d["matrix"].items()}
+
+
+def reproduce_similarity(lm: LoadedModel, out, datasets=FINDING2_DATASETS, pairs: int = 32,
+                         seq_len: int = 128, seed: int = 0, data_dir: str | None = None,
+                         objective: str = "max-logit", budget_s: float | None = None,
+                         save_profiles: bool = True, progress: bool = True) -> dict:
+    """Findings 2: within vs cross-domain pair similarity per layer; resumable.
+
+    ``budget_s``: stop starting new batches after this many seconds (the result then holds the
+    pairs finished so far and says so in ``pairs_done``).
+    """
+    from tqdm.auto import tqdm
+
+    from .commands.similarity import write_outputs
+    from .data import sample_sequences
+    from .models import scored_matrices
+    from .profile import versions
+    from .similarity import (comparison_json, group_batches, group_comparisons, score_grams,
+                             stack_pairs)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(datasets)
+    samples = {d: sample_sequences(lm.tokenizer, d, 2 * pairs, seq_len, seed, None, data_dir)
+               for d in names}
+    batches = group_batches({d: s.sequences for d, s in samples.items()})
+    ckpt = out / CHECKPOINT
+    done: dict[int, dict] = {}
+    if ckpt.exists():
+        for line in ckpt.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line from a crash
+            if rec.get("key") == [names, pairs, seq_len, seed, objective]:
+                done[rec["k"]] = rec
+    todo = [k for k in range(pairs) if k not in done]
+    means = GroupMeans(names) if save_profiles else None
+    start = time.perf_counter()
+    grams = score_grams(lm, (batches[k] for k in todo), objective,
+                        [means] if means is not None else ())
+    bar = tqdm(total=pairs, initial=len(done), desc="finding2 batches", disable=not progress)
+    with ckpt.open("a") as fh:
+        for k, gram in zip(todo, grams):
+            comp = group_comparisons(names, gram)
+            rec = {"key": [names, pairs, seq_len, seed, objective], "k": k,
+                   "within": {n: _pack(v) for n, v in comp["within"].items()},
+                   "cross": {f"{a}|{b}": _pack(v) for (a, b), v in comp["cross"].items()}}
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+            done[k] = rec
+            bar.update(1)
+            if budget_s is not None and time.perf_counter() - start > budget_s:
+                break
+    bar.close()
+    seconds = time.perf_counter() - start
+    ks = sorted(done)
+    comparisons = []
+    for n in names:
+        ix = samples[n].indices
+        comparisons.append(comparison_json(
+            "within", n, n, stack_pairs([_unpack(done[k]["within"][n]) for k in ks]),
+            [(ix[k], ix[pairs + k]) for k in ks]))
+    for a_i, a in enumerate(names):
+        for b in names[a_i + 1:]:
+            comparisons.append(comparison_json(
+                "cross", a, b, stack_pairs([_unpack(done[k]["cross"][f"{a}|{b}"]) for k in ks]),
+                [(samples[a].indices[k], samples[b].indices[k]) for k in ks]))
+    scored_now = 2 * len(names) * (len(ks) - (pairs - len(todo)))
+    result = {
+        "kind": "actpat-similarity", "model": lm.identity, "objective": objective,
+        "seq_len": seq_len, "seed": seed, "pairs": pairs, "pairs_done": len(ks),
+        "num_layers": len(comparisons[0]["per_pair"][0]) if ks else None,
+        "matrix_types": list(comparisons[0]["per_matrix"]) if ks else [],
+        "datasets": {d: {"source": s.source, "split": s.split, "sample_indices": s.indices,
+                         "tokens": sum(len(x) for x in s.sequences)} for d, s in samples.items()},
+        "comparisons": comparisons,
+        "timing": {"seconds": round(seconds, 2), "samples_scored": scored_now,
+                   "seconds_per_sample": round(seconds / max(1, scored_now), 4),
+                   "seconds_per_pair_comparison": None,
+                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                   "note": "this session only; batches from a resumed checkpoint not timed"},
+        "versions": versions(),
+    }
+    if ks:
+        write_outputs(result, out)
+    if means is not None and means.count:
+        meta = {"model": lm.identity, "seq_len": seq_len, "seed": seed, "objective": objective,
+                "note": "mean over the finding2 samples scored in this session"}
+        for n, prof in means.profiles(scored_matrices(lm.model), meta).items():
+            prof.meta["data_source"] = samples[n].source
+            prof.save(out / "profiles" / n)
+    return result
+
+
+def reproduce_relatedness(runs: list[str], out, reference: str = "c4",
+                          layers: str | None = None) -> dict:
+    """Figure 6: dataset x dataset similarity of saved profiles, with heatmaps per band."""
+    from .cli import main
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    argv = ["relate", *map(str, runs), "--json", str(out / "relate.json"), "--reference", reference]
+    if layers:
+        argv += ["--layers", layers]
+    bands = ["all", "shallow", "deep"] + (["custom"] if layers else [])
+    for band in bands:
+        rc = main(argv + ["--band", band, "--plot", str(out / f"relatedness_{band}.png")])
+        if rc:
+            raise RuntimeError(f"actpat relate failed ({rc})")
+    return json.loads((out / "relate.json").read_text())
+
+
+def reproduce_sts(lm: LoadedModel, out, dataset: str = "stsb", samples: int | None = 256,
+                  seed: int = 0, data_dir: str | None = None, max_tokens: int = 128,
+                  pairs_per_batch: int = 8, bootstrap: int = 1000, progress: bool = True) -> dict:
+    """Finding 3 / Validation 3 on one pairs dataset (``samples`` None: all pairs)."""
+    from .commands.sts import sts_run, write_outputs
+    from .sts import load_pairs
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = load_pairs(dataset, samples, seed, None, data_dir)
+    result = sts_run(lm, pairs, max_tokens, pairs_per_batch, "max-logit", bootstrap, seed,
+                     progress)
+    write_outputs(result, out)
+    return result
