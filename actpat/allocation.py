@@ -157,8 +157,9 @@ def uniform(sparsity, *, counts=None, layer_sizes=None, model=None, **kw) -> lis
     return [sparsity] * _num_layers(counts, layer_sizes, model, kw)
 
 
-def activation_formula(counts, sparsity: float, alpha: float = 2.0, beta: float = 0.2) -> list[float]:
-    """METHOD.md section 4, literally: z-score, sigmoid(z + alpha), S_i = S + bS(1 - N'_i L/sum N')."""
+def activation_formula(counts, sparsity: float, alpha: float = 2.0,
+                       beta: float = 0.2) -> list[float]:
+    """METHOD.md section 4 literally: z-score, sigmoid(z + alpha), S + bS(1 - N'_i L / sum N')."""
     n = np.asarray(counts, dtype=np.float64)
     std = n.std()
     z = np.zeros_like(n) if std == 0 else (n - n.mean()) / std
