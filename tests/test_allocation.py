@@ -226,3 +226,29 @@ def test_cli_allocate_activation_from_profile(tmp_path, capsys):
     assert main(["allocate", "--sparsity", "1.2", "--method", "uniform", "--profile",
                  str(tmp_path / "run")]) == 2
     assert main(["allocate", "--sparsity", "0.5", "--method", "owl"]) == 2
+
+
+def test_cli_allocate_and_prune_with_a_model(tmp_path, data_dir):
+    from tinylm import save_tiny_lm
+
+    model_dir = save_tiny_lm(tmp_path / "tiny")
+    common = ["--model", model_dir, "--data-dir", data_dir, "--calibration-samples", "3",
+              "--seq-len", "40", "--quiet", "--device", "cpu"]
+    for method in ("alphapruning", "activation"):
+        out = tmp_path / f"{method}.json"
+        assert main(["allocate", "--sparsity", "0.6", "--method", method, "--json", str(out),
+                     "--profile-samples", "2"] + common) == 0
+        s = json.loads(out.read_text())["layer_sparsities"]
+        assert len(s) == 2 and sum(s) / 2 == pytest.approx(0.6)
+    # activation counts profiled on the fly inside `prune`, recorded in actpat_prune.json
+    assert main(["prune", "--sparsity", "0.6", "--allocation", "activation", "--save",
+                 str(tmp_path / "p"), "--profile-samples", "2"] + common) == 0
+    rec = json.loads((tmp_path / "p" / "actpat_prune.json").read_text())
+    assert rec["allocation"]["counts"]["samples"] == 2
+    assert rec["layer_sparsities"] == pytest.approx(
+        activation_formula(rec["allocation"]["counts"]["counts"], 0.6))
+    # a profile of another model is refused
+    other = _profile_of(tiny_model("gpt2"), {"spec": "x", "path": "/x"})
+    other.save(tmp_path / "other")
+    assert main(["prune", "--sparsity", "0.6", "--allocation", "activation", "--profile",
+                 str(tmp_path / "other"), "--save", str(tmp_path / "q")] + common) == 2
