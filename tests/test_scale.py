@@ -234,3 +234,21 @@ def test_smollm2_with_a_small_memory_budget_equals_unconstrained(tmp_path, smoll
     assert lm.identity["device_map"].get("disk", 0) >= 1
     off = compute_profile(lm, seqs, 2, progress=False)
     assert _max_rel(off.maps, plain.maps) <= 1e-6
+
+
+def test_gpu_benchmark_script_runs_on_a_tiny_shape(tmp_path):
+    """benchmarks/gpu.py --tiny: the GPU benchmark's code path, on CPU, in seconds."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    out = tmp_path / "gpu.json"
+    assert gpu.main(["--tiny", "--out", str(out), "--no-markdown"]) == 0
+    result = json.loads(out.read_text())
+    assert [r["batch_size"] for r in result["profiling"]] == [1, 2]
+    assert all(r["actpat"]["tokens_per_s"] > 0 and r["plain"]["tokens_per_s"] > 0
+               for r in result["profiling"])
+    assert result["wanda"]["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
