@@ -215,7 +215,9 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from an alias, a .gguf path, a directory or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a 1-second load needs no bar; keeps stderr readable
     resolved = resolve_spec(spec)
     torch_dtype = parse_dtype(dtype)
     identity = {"spec": spec, "path": resolved}

@@ -12,7 +12,10 @@ def add_arguments(p) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--gamma", type=float, default=None, help="absolute threshold")
     g.add_argument("--gamma-quantile", type=float, default=None,
-                   help="fraction of all scored weights above gamma (default 0.1)")
+                   help="fraction of the reference run's scored weights above gamma "
+                        "(default 0.1); one gamma is then used for every run")
+    p.add_argument("--per-run-quantile", action="store_true",
+                   help="with --gamma-quantile: a separate gamma for each run instead of one")
     p.add_argument("--json", default=None, help="write the counts here")
     p.add_argument("--plot", default=None, help="write Figure 1 (PNG) here")
     add_common(p, model=False)
@@ -20,22 +23,44 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..plots import plot_layer_counts
-    from ..profile import Profile, counts, write_json
+    from ..profile import Profile, counts, threshold, write_json
 
     if args.gamma is None and args.gamma_quantile is None:
         args.gamma_quantile = 0.1
+    profiles = [Profile.load(r) for r in args.runs]
+    _check_same_model(args.runs, profiles)
+    gamma, rule = args.gamma, None
+    if args.gamma is None and not args.per_run_quantile:
+        # One absolute gamma for all runs, as in the paper: the quantile of the first run.
+        gamma, rule = threshold(profiles[0], gamma_quantile=args.gamma_quantile)
+        rule = f"{rule} of {args.runs[0]}"
     results = []
-    for run_dir in args.runs:
-        prof = Profile.load(run_dir)
-        c = counts(prof, args.gamma, args.gamma_quantile)
+    for run_dir, prof in zip(args.runs, profiles):
+        if gamma is None:
+            c = counts(prof, gamma_quantile=args.gamma_quantile)
+        else:
+            c = counts(prof, gamma=gamma)
+            c.gamma_rule = rule or c.gamma_rule
         results.append({"run": run_dir, "dataset": prof.meta.get("dataset"),
-                        "data_source": prof.meta.get("data_source"), **c.to_json()})
+                        "data_source": prof.meta.get("data_source"),
+                        "samples": prof.meta.get("samples"), "seq_len": prof.meta.get("seq_len"),
+                        "seed": prof.meta.get("seed"), **c.to_json()})
     _print_table(results)
     if args.json:
         write_json(args.json, results)
     if args.plot:
         plot_layer_counts(results, args.plot)
     return 0
+
+
+def _check_same_model(runs, profiles) -> None:
+    from ..errors import UserError
+
+    keys = [list(p.maps) for p in profiles]
+    for run, k in zip(runs[1:], keys[1:]):
+        if k != keys[0]:
+            raise UserError(f"{run} profiles a different model than {runs[0]}; "
+                            "count runs of one model together")
 
 
 def _print_table(results: list[dict]) -> None:
