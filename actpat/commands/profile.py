@@ -47,6 +47,10 @@ def run(args) -> int:
 
     if args.samples <= 0:
         raise UserError(f"--samples must be at least 1 (got {args.samples})")
+    from ..data import get_spec, is_path
+
+    if not is_path(args.dataset):
+        get_spec(args.dataset)  # an unknown name fails before the model is loaded
     args.batch_size = parse_batch_size(args.batch_size)
     if args.checkpoint_every < 0:
         raise UserError(f"--checkpoint-every must be >= 0 (got {args.checkpoint_every})")
