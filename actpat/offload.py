@@ -90,3 +90,88 @@ def placement(model) -> dict:
     for d in device_map.values():
         out[str(d)] = out.get(str(d), 0) + 1
     return out
+
+
+# --------------------------------------------------------------------------- layer-wise offload
+
+
+def _to(obj, device):
+    """Tensors in (nested) args / kwargs moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(x, device) for x in obj)
+    if isinstance(obj, list):
+        return [_to(x, device) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+class LayerOffload:
+    """Keep a model in CPU memory and run each decoder layer on ``device`` when it is called.
+
+    A forward pre-hook on every decoder layer moves that layer (and its inputs) onto the
+    compute device and the previously active layer back to the CPU, so at most one decoder
+    layer's weights sit on the device: the shape of the sequential pruning loop, which calls
+    layer i for all calibration batches, prunes it, then moves on. Calls through a
+    monkey-patched instance ``forward`` (the pruning module's input capture, which never runs
+    the layer's real computation) leave the layer where it is. Use as a context manager; on
+    exit every layer is back on the CPU.
+    """
+
+    def __init__(self, model, device: torch.device | str, offload_device: str = "cpu"):
+        from .models import decoder_layers
+
+        self.layers = list(decoder_layers(model))
+        self.device = torch.device(device)
+        self.offload = torch.device(offload_device)
+        self.active: int | None = None
+        self.moves: list[int] = []  # layer indices in the order they came onto the device
+        self.handles = []
+
+    def __enter__(self):
+        for i, layer in enumerate(self.layers):
+            layer.to(self.offload)
+            self.handles.append(layer.register_forward_pre_hook(self._hook(i), with_kwargs=True))
+        return self
+
+    def _hook(self, i):
+        def hook(module, args, kwargs):
+            if "forward" in module.__dict__:  # a capture stub stands in for the layer
+                return None
+            if self.active != i:
+                if self.active is not None:
+                    self.layers[self.active].to(self.offload)
+                module.to(self.device)
+                self.active = i
+                self.moves.append(i)
+            return _to(args, self.device), _to(kwargs, self.device)
+
+        return hook
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        if self.active is not None:
+            self.layers[self.active].to(self.offload)
+            self.active = None
+
+
+def prune_offloaded(model, calib_sequences, sparsities, pruner="wanda", pattern="unstructured",
+                    batch_size=8, progress=True, device: torch.device | str = "cuda"):
+    """``actpat.pruning.prune_model`` with only the current decoder layer on ``device``.
+
+    The embeddings and the LM head stay on the CPU (the calibration inputs are captured there);
+    each decoder layer comes onto ``device`` for its calibration passes and its pruning, then
+    goes back. The report gains ``offload`` (the device and the order layers were loaded in).
+    """
+    from .pruning import prune_model
+
+    model.to("cpu")
+    with LayerOffload(model, device) as off:
+        report = prune_model(model, calib_sequences, sparsities, pruner, pattern, batch_size,
+                             progress)
+    report["offload"] = {"compute_device": str(torch.device(device)), "layers_loaded": off.moves}
+    return report

@@ -252,3 +252,32 @@ def test_gpu_benchmark_script_runs_on_a_tiny_shape(tmp_path):
     assert all(r["actpat"]["tokens_per_s"] > 0 and r["plain"]["tokens_per_s"] > 0
                for r in result["profiling"])
     assert result["wanda"]["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("pruner", ["wanda", "sparsegpt"])
+def test_offloaded_pruning_equals_plain_pruning(arch, pruner):
+    """prune_offloaded (one decoder layer on the compute device at a time) == prune_model.
+
+    On this CPU-only machine the compute device is the CPU too, so this checks the mechanics
+    (hooks, argument moves, layer order, clean-up) and the result, not a real transfer.
+    """
+    import copy
+
+    from actpat.offload import prune_offloaded
+    from actpat.pruning import prune_model
+
+    plain = tiny_model(arch)
+    offloaded = copy.deepcopy(plain)
+    g = torch.Generator().manual_seed(0)
+    calib = torch.randint(2, 101, (6, 16), generator=g).tolist()
+    prune_model(plain, calib, [0.5, 0.3], pruner, batch_size=4, progress=False)
+    report = prune_offloaded(offloaded, calib, [0.5, 0.3], pruner, batch_size=4, progress=False,
+                             device="cpu")
+    assert report["offload"]["layers_loaded"] == [0, 1]
+    a, b = plain.state_dict(), offloaded.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any((v == 0).float().mean() > 0.2 for v in b.values())  # it did prune
+    from actpat.models import decoder_layers
+
+    assert not any(layer._forward_pre_hooks for layer in decoder_layers(offloaded))
