@@ -164,9 +164,7 @@ def sparsegpt_prune(weight, hessian, sparsity, nm, blocksize: int = 128,
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h.diagonal().add_(percdamp * torch.diag(h).mean())
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    hinv = torch.linalg.cholesky(hinv, upper=True)
+    hinv = _inverse_cholesky(h, percdamp)
     target_total = _prune_count(rows * cols, sparsity)
     pruned_so_far = 0
     for i1 in range(0, cols, blocksize):
@@ -197,6 +195,23 @@ def sparsegpt_prune(weight, hessian, sparsity, nm, blocksize: int = 128,
         w[:, i1:i2] = q1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return w.to(weight.dtype)
+
+
+def _inverse_cholesky(h: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp*I)^-1, damp = percdamp * mean diag(H); the damping
+    is raised tenfold (at most three times) if H is numerically not positive definite."""
+    mean_diag = torch.diag(h).mean()
+    for attempt in range(4):
+        damped = h + percdamp * (10 ** attempt) * mean_diag * torch.eye(
+            h.shape[0], dtype=h.dtype, device=h.device)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if int(info) == 0:
+                return upper
+    raise UserError("SparseGPT: the calibration Hessian is not positive definite even with "
+                    "1000x damping; use more calibration samples or --pruner wanda")
 
 
 register_pruner(Pruner("magnitude", None, magnitude_prune))

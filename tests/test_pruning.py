@@ -191,6 +191,7 @@ def _dense_inputs(model, seqs, layer):
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+@torch.no_grad()
 def test_sparsegpt_reconstructs_better_than_wanda(pattern):
     seqs = calib(16, 32, seed=1)
     dense = tiny_model("llama", seed=2)
