@@ -177,3 +177,19 @@ def barrier(ctx: Context | None = None) -> None:
     ctx = ctx or current()
     if ctx.enabled:
         torch.distributed.barrier()
+
+
+def gather_in_order(mine: list, n: int, ctx: Context | None = None) -> list:
+    """Reassemble per-item results computed on ``shard`` positions into the full ordered list.
+
+    ``mine[k]`` is the result for item ``shard_positions(n, ctx)[k]``; every rank gets all
+    ``n`` results in item order (for per-pair outputs: similarity, STS).
+    """
+    ctx = ctx or current()
+    if not ctx.enabled:
+        return list(mine)
+    out = [None] * n
+    for rank, part in enumerate(gather_objects(list(mine), ctx)):
+        for pos, value in zip(range(rank, n, ctx.world_size), part):
+            out[pos] = value
+    return out
