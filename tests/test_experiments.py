@@ -81,3 +81,20 @@ def test_plans_and_cli(tmp_path, capsys):
     assert "wanda-activation-0.5-c4-s0" in capsys.readouterr().out
     assert main(["reproduce", "table1", "--out", str(tmp_path / "r"), "--only", "nope"]) == 2
     assert "unknown configuration 'nope'" in capsys.readouterr().err
+
+
+def test_reproduce_fig1_profiles_counts_plot_and_resumes(tmp_path):
+    import shutil
+
+    data = _data(tmp_path / "data")
+    model = save_tiny_lm(tmp_path / "m")
+    out = tmp_path / "fig1"
+    argv = ["reproduce", "fig1", "--model", model, "--datasets", "c4,wikitext2", "--samples", "2",
+            "--seq-len", "16", "--data-dir", data, "--out", str(out), "--device", "cpu", "--quiet"]
+    assert main(argv) == 0
+    counts = json.loads((out / "counts.json").read_text())
+    assert [c["dataset"] for c in counts] == ["c4", "wikitext2"]
+    assert all(len(c["layer_counts"]) == 2 and c["gamma_rule"] == "quantile=0.1" for c in counts)
+    assert (out / "fig1.png").stat().st_size > 0
+    shutil.rmtree(model)  # finished profiles are reused: the model is not loaded again
+    assert main(argv) == 0
