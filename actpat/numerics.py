@@ -23,6 +23,7 @@ class NonFiniteWatch:
 
         self.first: str | None = None
         self.dtype = dtype
+        self.flags: list[tuple[str, torch.Tensor]] = []  # (module, all-finite flag), no sync
         prefix = get_adapter(model).layers
         self.modules = [(f"{prefix}.{i}", layer) for i, layer in enumerate(decoder_layers(model))]
         self.modules += [(m.name, m.module) for m in scored_matrices(model)]
@@ -40,16 +41,18 @@ class NonFiniteWatch:
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
-            if self.first is not None:
-                return
             out = output[0] if isinstance(output, (tuple, list)) else output
-            if isinstance(out, torch.Tensor) and out.is_floating_point() \
-                    and not bool(torch.isfinite(out).all()):
-                self.first = name
+            if isinstance(out, torch.Tensor) and out.is_floating_point():
+                self.flags.append((name, torch.isfinite(out.detach()).all()))
         return hook
 
     def check(self) -> None:
-        """Raise the user-facing error when a non-finite output was seen."""
+        """Raise the user-facing error when a non-finite output was seen (one device sync)."""
+        if self.flags and self.first is None:
+            ok = torch.stack([f.to(self.flags[0][1].device) for _, f in self.flags])
+            if not bool(ok.all()):
+                self.first = self.flags[int((~ok).nonzero()[0])][0]
+        self.flags.clear()
         if self.first is not None:
             raise UserError(non_finite_message(self.first, self.dtype))
 

@@ -129,6 +129,7 @@ def compute_profile(
     from .checkpointing import LoopState
     from .distributed import all_reduce_number, all_reduce_sums, current, shard_positions
     from .memory import BatchPlanner, MemoryProbe, default_budget
+    from .numerics import NonFiniteWatch
 
     model = lm.model
     device = input_device(model)
@@ -147,6 +148,7 @@ def compute_profile(
         budget = max_memory if max_memory is not None else default_budget(device)
     planner = BatchPlanner(batch_size, budget)
     probe = MemoryProbe(device)
+    watch = NonFiniteWatch(model, (meta or {}).get("dtype"))
     start = time.perf_counter()
     bar = tqdm(total=len(mine), initial=cursor, desc="profiling" + (
         f" [rank {ctx.rank}/{ctx.world_size}]" if ctx.enabled else ""), unit="sample",
@@ -156,7 +158,14 @@ def compute_profile(
         chunk = mine[cursor:cursor + size]
         before = probe.current()
         measured = planner.probing and probe.reset_peak()
-        clean = _score_exactly(model, chunk, pad, device, acc, objective, mats, planner, set())
+        with watch:  # names the first module whose output overflowed, if any
+            try:
+                clean = _score_exactly(model, chunk, pad, device, acc, objective, mats,
+                                       planner, set())
+            except UserError:
+                watch.check()
+                raise
+        watch.check()
         if measured and clean:
             planner.observe(size, before, probe.peak())
         acc.count += len(chunk)

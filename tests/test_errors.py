@@ -262,18 +262,21 @@ def test_report_missing_path(capsys, tmp_path):
 
 
 def test_non_finite_scores_name_the_layer(capsys, work, tmp_path):
-    """An overflowing weight in layer 1 (like fp16 overflow): reported with the layer's name."""
+    """float16 overflow in layer 1's up projection: reported with the module's name, and the
+    suggested fix (--dtype float32) works."""
     from safetensors.torch import load_file, save_file
 
     bad = tmp_path / "bad"
     shutil.copytree(work / "model", bad)
     weights = load_file(str(bad / "model.safetensors"))
     key = "model.layers.1.mlp.up_proj.weight"
-    weights[key] = weights[key] * 3e38  # overflows float32 in the forward pass
+    weights[key] = weights[key] * 5e5  # still representable in fp16, its outputs are not
+    assert float(weights[key].abs().max()) < 65504
     save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
-    msg = fail(capsys, *profile_args(work, tmp_path / "o", "--model", bad))
-    assert "finite" in msg and "model.layers.1" in msg
+    msg = fail(capsys, *profile_args(work, tmp_path / "o", "--model", bad, "--dtype", "float16"))
+    assert "non-finite" in msg and "model.layers.1.mlp.up_proj" in msg and "float32" in msg
     assert not (tmp_path / "o" / "profile.safetensors").exists()
+    ok(capsys, *profile_args(work, tmp_path / "o", "--model", bad, "--dtype", "float32"))
 
 
 # --------------------------------------------------------------------------- safety
