@@ -60,7 +60,7 @@ def run(args) -> int:
     record = {
         "model": lm.identity, "pruner": args.pruner, "pattern": args.pattern,
         "allocation": alloc, "target_sparsity": args.sparsity,
-        "layer_sparsities": report["layers"] and [x["target"] for x in report["layers"]],
+        "layer_sparsities": [x["target"] for x in report["layers"]],
         "achieved_sparsity": report["achieved_sparsity"],
         "achieved_per_layer": [x["achieved"] for x in report["layers"]],
         "calibration": None if samples is None else calibration_info(args, samples),
