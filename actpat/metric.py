@@ -130,6 +130,7 @@ class _Hooks:
         self.matrices = matrices
         self.sinks = sinks
         self.token_mask: torch.Tensor | None = None  # (B, T) float, set per batch
+        self.padded = True  # whether token_mask has any zero (set per batch)
         self.handles: list = []
 
     def __enter__(self):
@@ -163,8 +164,9 @@ class _Hooks:
     def _emit(self, m: ScoredMatrix, x: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> None:
         # per-sample weight gradient, (B, out, in): sum over the sample's own tokens of g x^T
         batch, tokens = self.token_mask.shape
-        mask = self.token_mask.to(x.device)
-        x = x.reshape(batch, tokens, -1).float() * mask.unsqueeze(-1)
+        x = x.reshape(batch, tokens, -1).float()
+        if self.padded:  # zero the padding positions (a copy of x, so only when there are any)
+            x = x * self.token_mask.to(x.device).unsqueeze(-1)
         g = g.reshape(batch, tokens, -1).float()
         grad = torch.bmm(g.transpose(1, 2), x)
         if w.device != grad.device:
@@ -221,6 +223,7 @@ def score_batch(
     try:
         with _Hooks(matrices, sinks) as hooks, torch.enable_grad():
             hooks.token_mask = attention_mask.to(torch.float32)
+            hooks.padded = bool((attention_mask == 0).any())
             embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
             values = fn(model, input_ids, attention_mask, inputs_embeds=embeds)
             values.sum().backward()
