@@ -163,16 +163,26 @@ def machine() -> dict:
     except OSError:
         pass
     total = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=ROOT).stdout.strip()
+    except OSError:
+        commit = "unknown"
     return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(total / 2**20, 1),
+            "commit": commit,
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "actpat": __version__,
             "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
 
 
-def run_variant(variant: str, seq_len: int, samples: int, seed: int, timeout: int) -> dict:
+def run_variant(variant: str, seq_len: int, samples: int, seed: int, timeout: int,
+                threads: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--seq-len", str(seq_len),
            "--samples", str(samples), "--seed", str(seed)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     if proc.returncode != 0:
         return {"variant": variant, "seq_len": seq_len, "error": proc.stderr.strip()[-2000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -245,12 +255,16 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"\n## Profiling speed, {result['date']} (benchmarks/run.py)\n",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM, {m['platform']}; "
-             f"Python {m['python']}, torch {m['torch']} ({m['torch_threads']} threads), "
-             f"transformers {m['transformers']}, actpat {m['actpat']}. "
+             f"Python {m['python']}, torch {m['torch']} (threads per variant: "
+             f"{result.get('threads_per_variant', m['torch_threads'])}), "
+             f"transformers {m['transformers']}, actpat {m['actpat']} "
+             f"(commit {m.get('commit', '?')}). "
              f"Model SmolLM2-135M (float32), {result['samples']} c4 windows per variant after one "
              f"warm-up, {result['repeats']} interleaved repeats, medians. Load average at start / "
              f"end: {result['load_start']} / {result['load_end']} (other workers share the "
-             f"cores). Wall time of the whole benchmark: {result['total_s']:.0f} s.\n"]
+             f"cores). Wall time of the whole benchmark: {result['total_s']:.0f} s"
+             + (" (cut short: only the finished variant runs are summarised)"
+                if result.get("cut_short") else "") + ".\n"]
     for t, s in result["summary"].items():
         lines.append(f"\n**{t} tokens**\n\n| variant | s/sample | ms/token | peak RSS (MB) |\n"
                      "| --- | ---: | ---: | ---: |")
@@ -274,7 +288,12 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="actpat-b1,actpat-b4,actpat-b8,authors,plain-b1,plain-b4")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=int, default=1200, help="per variant run, seconds")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per variant process (default: torch's choice); 1 avoids "
+                        "spinning OpenMP threads on a machine crowded by other work")
     p.add_argument("--no-markdown", action="store_true", help="do not append to BENCHMARKS.md")
+    p.add_argument("--summarise", default=None, metavar="JSON",
+                   help="only summarise an earlier (possibly cut short) results file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--seq-len", type=int, default=256, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -282,20 +301,24 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args.worker, args.seq_len, args.samples, args.seed)))
         return 0
 
+    if args.summarise:
+        return finish(json.loads(Path(args.summarise).read_text()), Path(args.summarise),
+                      not args.no_markdown)
     seq_lens = [int(x) for x in args.seq_lens.split(",")]
     variants = args.variants.split(",")
     date = dt.datetime.now(dt.timezone.utc)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"profile-{date:%Y%m%dT%H%M}.json"
     result = {"date": date.isoformat(timespec="seconds"), "machine": machine(),
-              "samples": args.samples, "repeats": args.repeats, "variants": variants,
+              "threads_per_variant": args.threads or "default", "samples": args.samples,
+              "repeats": args.repeats, "variants": variants,
               "seq_lens": seq_lens, "load_start": [round(x, 2) for x in os.getloadavg()],
               "rows": []}
     start = time.perf_counter()
     for t in seq_lens:  # one sequence length at a time, so a cut-short run has whole tables
         for k in range(args.repeats):
             for v in variants:
-                row = run_variant(v, t, args.samples, args.seed, args.timeout)
+                row = run_variant(v, t, args.samples, args.seed, args.timeout, args.threads)
                 row["repeat"] = k
                 result["rows"].append(row)
                 msg = row.get("error", "").splitlines()[-1:] or \
@@ -304,12 +327,23 @@ def main(argv=None) -> int:
                 out.write_text(json.dumps(result, indent=2) + "\n")  # partial results survive
     result["total_s"] = time.perf_counter() - start
     result["load_end"] = [round(x, 2) for x in os.getloadavg()]
+    return finish(result, out, not args.no_markdown)
+
+
+def finish(result: dict, out: Path, append: bool) -> int:
+    """Summarise the rows (all there are), write the JSON, append the Markdown section."""
+    variants, seq_lens = result["variants"], result["seq_lens"]
+    if "total_s" not in result:  # a run cut short: summarise what finished
+        result["cut_short"] = True
+        result["total_s"] = float("nan")
+        result["load_end"] = [round(x, 2) for x in os.getloadavg()]
+    seq_lens = [t for t in seq_lens if any(r["seq_len"] == t for r in result["rows"])]
     result["summary"] = summarise(result["rows"], variants, seq_lens)
     result["targets"] = targets(result["summary"])
     out.write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)
     print(text)
-    if not args.no_markdown:
+    if append:
         bench = ROOT / "BENCHMARKS.md"
         if not bench.exists():
             bench.write_text("# Benchmarks\n\nMeasured results, newest sections last.\n")
