@@ -45,10 +45,15 @@ class Context:
     def from_env(cls, env: dict | None = None) -> "Context":
         """Read RANK / WORLD_SIZE / LOCAL_RANK (torchrun, accelerate launch); default one process."""
         env = os.environ if env is None else env
-        try:
-            world = int(env.get("WORLD_SIZE", "1"))
-            rank = int(env.get("RANK", "0"))
-            local = int(env.get("LOCAL_RANK", str(rank)))
+
+        def first(names, default):
+            return next((env[n] for n in names if n in env), default)
+
+        try:  # torchrun / accelerate (GPU) names first, then MPI's (accelerate multi-CPU)
+            world = int(first(("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"), "1"))
+            rank = int(first(("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"), "0"))
+            local = int(first(("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"),
+                              str(rank)))
         except ValueError:
             raise UserError("RANK / WORLD_SIZE / LOCAL_RANK must be integers; start the job with "
                             "torchrun or accelerate launch") from None
