@@ -178,16 +178,85 @@ def reproduce_relatedness(runs: list[str], out, reference: str = "c4",
 
 def reproduce_sts(lm: LoadedModel, out, dataset: str = "stsb", samples: int | None = 256,
                   seed: int = 0, data_dir: str | None = None, max_tokens: int = 128,
-                  pairs_per_batch: int = 8, bootstrap: int = 1000, progress: bool = True) -> dict:
-    """Finding 3 / Validation 3 on one pairs dataset (``samples`` None: all pairs)."""
-    from .commands.sts import sts_run, write_outputs
-    from .sts import load_pairs
+                  pairs_per_batch: int = 8, bootstrap: int = 1000,
+                  budget_s: float | None = None, progress: bool = True) -> dict:
+    """Finding 3 / Validation 3 on one pairs dataset, resumable and stoppable.
+
+    Pairs are scored in a seeded random order (the first ``samples`` of a permutation of all
+    pairs; None: all), each finished batch appended to ``OUT/checkpoint.jsonl``; after
+    ``budget_s`` seconds no new batch starts. Whatever is finished is then a uniform random
+    sample of the dataset's pairs; ``sts.json`` reports it in input order, with
+    ``pairs_done`` and ``pairs_planned``.
+    """
+    import random
+
+    from tqdm.auto import tqdm
+
+    from .commands.sts import write_outputs
+    from .profile import versions
+    from .similarity import pair_similarity
+    from .sts import Pairs, encode_pairs, hidden_state_similarity, load_pairs, sts_statistics
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pairs = load_pairs(dataset, samples, seed, None, data_dir)
-    result = sts_run(lm, pairs, max_tokens, pairs_per_batch, "max-logit", bootstrap, seed,
-                     progress)
+    everything = load_pairs(dataset, None, seed, None, data_dir)
+    n_all = len(everything.indices)
+    order = random.Random(seed).sample(range(n_all), n_all)[:samples or n_all]
+    encoded = encode_pairs(lm.tokenizer, everything, max_tokens)
+    key = [dataset, seed, max_tokens, "max-logit"]
+    ckpt = out / CHECKPOINT
+    done: dict[int, tuple] = {}
+    if ckpt.exists():
+        for line in ckpt.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("key") == key:
+                for i, r in zip(rec["pairs"], rec["sims"]):
+                    done[i] = _unpack(r)
+    todo = [i for i in order if i not in done]
+    start = time.perf_counter()
+    bar = tqdm(total=len(order), initial=len(order) - len(todo), desc=f"{dataset} pairs",
+               disable=not progress)
+    with ckpt.open("a") as fh:
+        for s in range(0, len(todo), pairs_per_batch):
+            chunk = todo[s:s + pairs_per_batch]
+            sims = pair_similarity(lm, [encoded[i] for i in chunk], pairs_per_batch)
+            packed = [_pack((sims.layer[k], {t: v[k] for t, v in sims.matrix.items()}))
+                      for k in range(len(chunk))]
+            fh.write(json.dumps({"key": key, "pairs": chunk, "sims": packed}) + "\n")
+            fh.flush()
+            for i, r in zip(chunk, packed):
+                done[i] = _unpack(r)
+            bar.update(len(chunk))
+            if budget_s is not None and time.perf_counter() - start > budget_s:
+                break
+    bar.close()
+    t_act = time.perf_counter() - start
+    scored_now = min(len(todo), len(done))
+    ids = sorted(i for i in done if i in set(order))  # input order
+    sub = Pairs([everything.a[i] for i in ids], [everything.b[i] for i in ids],
+                everything.scores[ids], [everything.indices[i] for i in ids], everything.source,
+                dataset, everything.split, everything.fields)
+    start = time.perf_counter()
+    base = hidden_state_similarity(lm, [encoded[i] for i in ids], 2 * pairs_per_batch)
+    t_base = time.perf_counter() - start
+    layer = np.array([done[i][0] for i in ids])
+    types = list(done[ids[0]][1])
+    matrix = {t: np.array([done[i][1][t] for i in ids]) for t in types}
+    result = sts_statistics(layer, matrix, base, sub.scores, bootstrap, seed, extra=dict(
+        dataset=dataset, split=sub.split, source=sub.source, pair_fields=list(sub.fields),
+        samples=len(ids), pairs_done=len(ids), pairs_planned=len(order), pairs_available=n_all,
+        sampling="seeded random order over all pairs; the finished ones, in input order",
+        indices=sub.indices, objective="max-logit", max_tokens=max_tokens,
+        tokens_scored=sum(len(encoded[i][0]) + len(encoded[i][1]) for i in ids),
+        timing={"activation_seconds_this_session": round(t_act, 2),
+                "pairs_scored_this_session": scored_now,
+                "seconds_per_pair": round(t_act / max(1, scored_now), 3),
+                "baseline_seconds": round(t_base, 2),
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+    result.update(model=lm.identity, seed=seed, versions=versions())
     write_outputs(result, out)
     return result
 
