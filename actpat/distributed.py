@@ -198,3 +198,11 @@ def gather_in_order(mine: list, n: int, ctx: Context | None = None) -> list:
         for pos, value in zip(range(rank, n, ctx.world_size), part):
             out[pos] = value
     return out
+
+
+def active() -> Context:
+    """The initialised process group's context, else a single process (library helpers that
+    must not fail when the environment names ranks but nobody joined a group)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return current()
+    return SINGLE
