@@ -168,11 +168,17 @@ def reproduce_relatedness(runs: list[str], out, reference: str = "c4",
     argv = ["relate", *map(str, runs), "--json", str(out / "relate.json"), "--reference", reference]
     if layers:
         argv += ["--layers", layers]
-    bands = ["all", "shallow", "deep"] + (["custom"] if layers else [])
-    for band in bands:
-        rc = main(argv + ["--band", band, "--plot", str(out / f"relatedness_{band}.png")])
-        if rc:
-            raise RuntimeError(f"actpat relate failed ({rc})")
+    rc = main(argv + ["--band", "deep", "--plot", str(out / "relatedness_deep.png")])
+    if rc:
+        raise RuntimeError(f"actpat relate failed ({rc})")
+    from .plots import plot_relatedness
+
+    res = json.loads((out / "relate.json").read_text())
+    for band, b in res["bands"].items():
+        if band != "deep":
+            plot_relatedness(res["datasets"], b["matrix"], out / f"relatedness_{band}.png",
+                             title=f"Activation-pattern similarity, layers {b['start']}-"
+                                   f"{b['end'] - 1} ({band})")
     return json.loads((out / "relate.json").read_text())
 
 

@@ -297,12 +297,12 @@ def dataset_similarity(profiles: list, names: list[str],
     """Per-layer cosine between every two profiles; a band's matrix is its layers' mean."""
     n = len(profiles)
     layers = profiles[0].num_layers
-    vecs = [[p.layer_vector(i).double() for i in range(layers)] for p in profiles]
     out = np.ones((layers, n, n))
-    for a in range(n):
-        for b in range(a + 1, n):
-            for i in range(layers):
-                out[i, a, b] = out[i, b, a] = cosine(vecs[a][i], vecs[b][i])
+    for i in range(layers):  # one layer of every profile at a time: memory stays small
+        vecs = [p.layer_vector(i) for p in profiles]
+        for a in range(n):
+            for b in range(a + 1, n):
+                out[i, a, b] = out[i, b, a] = cosine(vecs[a], vecs[b])
     return DatasetMatrix(names, out, dict(bands))
 
 
