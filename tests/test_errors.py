@@ -8,6 +8,7 @@ a character-level tokenizer, ``tinylm.py``); the hub is forced offline.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shutil
 from pathlib import Path
@@ -315,3 +316,46 @@ def test_load_model_passes_trust_remote_code_off(work, monkeypatch):
     assert seen == [False]
     assert isinstance(next(iter(load_model(str(work / "model"), "cpu").model.parameters())),
                       torch.Tensor)
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+@pytest.mark.skipif(not has("actpat.checkpointing"), reason="checkpointing not built")
+def test_ctrl_c_leaves_a_resumable_checkpoint(work, tmp_path):
+    """SIGINT during a long profile: exit 130, a checkpoint and no half-written profile; the
+    same command then finishes from the checkpoint (that the resumed result equals an
+    uninterrupted run is tested with the checkpointing code)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    texts = tmp_path / "many.txt"
+    texts.write_text("".join(f"line {i} of a long file of short texts\n" for i in range(60)))
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "actpat", "profile", "--model", str(work / "model"),
+            "--dataset", str(texts), "--samples", "60", "--seq-len", "32", "--batch-size",
+            "1", "--checkpoint-every", "4", "--no-cache", "--device", "cpu", "--quiet",
+            "--out", str(out)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 240
+    while not any((out / "checkpoint").glob("*.safetensors")) and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    assert not (out / "profile.safetensors").exists()
+    assert any((out / "checkpoint").glob("*.safetensors"))
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert (out / "profile.safetensors").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples"] == 60 and summary.get("resumed_at_sample", 0) > 0
+    assert not any((out / "checkpoint").glob("*.safetensors"))  # a finished run removes it
