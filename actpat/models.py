@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -241,6 +242,13 @@ def load_model(
         )
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Unrecognized configuration class" in first:  # e.g. an encoder or seq2seq model
+            kind = re.search(r"models\.(\w+)\.configuration", first)
+            raise UserError(
+                f"model '{spec}' is not a causal language model (model type "
+                f"'{kind.group(1) if kind else '?'}'); give a decoder-only causal LM such as "
+                "Llama, Mistral, Qwen2, Gemma, GPT-2, GPT-NeoX, OPT or Phi-3"
+            ) from None
         raise UserError(
             f"cannot load model '{spec}' ({first}); give an alias ({', '.join(ALIASES)}), "
             "a local directory, a .gguf file, or a reachable hub id"
