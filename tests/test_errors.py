@@ -340,8 +340,10 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(work, tmp_path):
             "1", "--checkpoint-every", "4", "--no-cache", "--device", "cpu", "--quiet",
             "--out", str(out)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    # a shell without job control starts background jobs with SIGINT ignored: restore it
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not any((out / "checkpoint").glob("*.safetensors")) and proc.poll() is None \
             and time.time() < deadline:
