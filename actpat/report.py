@@ -127,6 +127,8 @@ def classify_json(name: str, data) -> str | None:
         return "eval"
     if name == "actpat_prune.json":
         return "prune"
+    if isinstance(data.get("config"), dict) and isinstance(data.get("eval"), dict):
+        return "experiment"  # one configuration of `actpat reproduce table1|calibration`
     if name in ("similarity.json", "sts.json"):
         return name.removesuffix(".json")
     if _layer_sparsities(data) is not None:
@@ -661,6 +663,54 @@ def prune_sections(arts: list[Artifact]) -> list[Section]:
     return [Section("pruning", "Pruning", body, [str(a.path) for a in arts])]
 
 
+def experiment_sections(arts: list[Artifact]) -> list[Section]:
+    """Configurations of a reproduction (pruner, allocation, S, calibration, seed -> results),
+    one table per experiment directory."""
+    groups: dict[Path, list[Artifact]] = {}
+    for a in arts:
+        root = a.path.parent.parent if a.path.parent.name == "configs" else a.path.parent
+        groups.setdefault(root, []).append(a)
+    out = []
+    for root, group in groups.items():
+        columns: list[tuple[str, str]] = []
+        rows = []
+        for a in sorted(group, key=lambda x: x.path.name):
+            d = a.data
+            values = {}
+            for task, m, v in _eval_rows(d["eval"]):
+                if (task, m) not in columns:
+                    columns.append((task, m))
+                values[(task, m)] = v
+            c = d["config"]
+            calib = d.get("calibration") or {}
+            rows.append(([d.get("name", a.path.stem), c.get("pruner") or "dense",
+                          c.get("allocation") if c.get("pruner") else "",
+                          c.get("sparsity"), c.get("pattern") if c.get("pruner") else "",
+                          c.get("calibration") if c.get("pruner") else "", c.get("seed"),
+                          _get(d.get("prune"), "achieved_sparsity")], values))
+        order = {t: i for i, t in enumerate(EVAL_TASKS)}
+        columns.sort(key=lambda c: (order.get(c[0], 99), EVAL_METRICS.index(c[1])))
+        body = _table(["configuration", "pruner", "allocation", "S", "pattern", "calibration",
+                       "seed", "achieved"] + [f"{t} {m}" for t, m in columns],
+                      [r + [v.get(c) for c in columns] for r, v in rows])
+        st = group[0].data.get("settings") or {}
+        body += _settings([
+            ("model", st.get("model")), ("data dir", st.get("data_dir")),
+            ("perplexity", f"{st.get('windows')} windows × {st.get('seq_len')} tokens"
+             if st.get("windows") else None),
+            ("zero-shot limit", st.get("zero_shot_limit")),
+            ("calibration", f"{st.get('calib_samples')} × {st.get('calib_seq_len')} tokens"
+             if st.get("calib_samples") else None),
+            ("gamma", f"quantile {st.get('gamma_quantile')}" if st.get("gamma_quantile")
+             else None),
+            ("configurations", len(group)),
+            ("versions", _versions(group[0].data.get("versions")))])
+        sid = "experiments" if not out else f"experiments-{len(out)}"
+        out.append(Section(sid, f"Pruning experiments ({root.name})", body,
+                           [str(root)]))
+    return out
+
+
 def _get(d, key):
     return d.get(key) if isinstance(d, dict) else None
 
@@ -696,7 +746,7 @@ def build_sections(paths: Iterable[str | Path], gamma: float | None = None,
     arts, notes = find_artifacts(paths)
     by = {k: [a for a in arts if a.kind == k] for k in
           ("profile", "counts", "similarity", "relate", "sts", "allocation", "prune", "eval",
-           "figure")}
+           "experiment", "figure")}
     sections = []
     sections += profile_sections(by["profile"], gamma, None if gamma is not None else
                                  gamma_quantile)
@@ -705,7 +755,7 @@ def build_sections(paths: Iterable[str | Path], gamma: float | None = None,
     for fn, kind in ((similarity_sections, "similarity"), (sts_sections, "sts"),
                      (lambda x: allocation_sections(x, by["prune"]), "allocation"),
                      (prune_sections, "prune"),
-                     (eval_sections, "eval"), (figure_sections, "figure")):
+                     (eval_sections, "eval"), (experiment_sections, "experiment"), (figure_sections, "figure")):
         try:
             sections += fn(by[kind])
         except (KeyError, TypeError, ValueError, IndexError) as e:  # an unexpected layout
@@ -716,7 +766,7 @@ def build_sections(paths: Iterable[str | Path], gamma: float | None = None,
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;
-max-width:1100px;color:#222;line-height:1.4;padding:0 1em}
+max-width:1300px;color:#222;line-height:1.4;padding:0 1em}
 h1{font-size:1.6em;margin-bottom:.2em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;
 margin-top:2em} h3{font-size:1em}
 table{border-collapse:collapse;margin:.8em 0;font-size:.85em;display:block;overflow-x:auto;

@@ -197,3 +197,25 @@ def test_render_check_detects_external_and_broken_loads(tmp_path):
     root = re.search(r"<html[^>]*>", dom).group(0)
     attrs = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', root))
     assert attrs["broken-images"] == "2" and int(attrs["blocked-loads"]) >= 1, root
+
+
+def test_report_of_reproduction_configs(tmp_path):
+    """`actpat reproduce` configurations (config + eval per JSON) become one results table."""
+    configs = tmp_path / "table1" / "configs"
+    configs.mkdir(parents=True)
+    settings = {"model": "m", "seq_len": 256, "windows": 8, "calib_samples": 4,
+                "calib_seq_len": 64, "gamma_quantile": 0.1}
+    for name, pruner, alloc, ppl in [("dense", None, "uniform", 16.75),
+                                     ("wanda-uniform", "wanda", "uniform", 32.125),
+                                     ("wanda-activation", "wanda", "activation", 31.25)]:
+        (configs / f"{name}.json").write_text(json.dumps({
+            "name": name, "settings": settings,
+            "config": {"pruner": pruner, "allocation": alloc, "sparsity": 0.5 if pruner else 0.0,
+                       "pattern": "unstructured", "calibration": "c4", "seed": 0},
+            "prune": {"achieved_sparsity": 0.5} if pruner else None,
+            "eval": {"wikitext2": {"ppl": ppl, "seq_len": 256, "windows": 8}}}))
+    run("report", tmp_path / "table1", "--out", tmp_path / "r.html")
+    html = (tmp_path / "r.html").read_text()
+    assert "Pruning experiments (table1)" in html
+    for text in ("16.75", "32.12", "31.25", "wanda-activation", "wikitext2 ppl", "8 windows"):
+        assert text in html, text
