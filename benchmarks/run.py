@@ -287,7 +287,10 @@ def markdown(result: dict) -> str:
              f"end: {result['load_start']} / {result['load_end']} (other workers share the "
              f"cores). Wall time of the whole benchmark: {result['total_s']:.0f} s"
              + (" (cut short: only the finished variant runs are summarised)"
-                if result.get("cut_short") else "") + ".\n"]
+                if result.get("cut_short") else "") + ". "
+             "CPU s/sample is the variant process' CPU time (user + sys) over the timed phase: "
+             "with one thread per process it is the measure least disturbed by other work on "
+             "the machine; wall times on a crowded machine mostly measure the crowd.\n"]
     for t, s in result["summary"].items():
         lines.append(f"\n**{t} tokens**\n\n| variant | s/sample (wall) | ms/token (wall) | "
                      "CPU s/sample | peak RSS (MB) |\n| --- | ---: | ---: | ---: | ---: |")
