@@ -26,8 +26,14 @@ paper Figure 6): per layer, the cosine of the two profiles' ``layer_vector``s.
          "per_matrix": {type: [[sim per layer] per pair]}, # P x L per matrix type
          "summary": {"mean": [L], "median": [L], "q1": [L], "q3": [L]}}
       ],
-      "timing": {"seconds": s, "samples_scored": n, "seconds_per_pair": s, "peak_rss_mb": m}
+      "timing": {"seconds": s, "samples_scored": n, "seconds_per_sample": s,
+                 "seconds_per_pair_comparison": s, "peak_rss_mb": m},
+      "versions": {...}
     }
+
+(``reproduce_similarity`` writes the same, plus ``pairs_done`` when its time budget ended it
+early.) With three or more datasets, ``actpat similarity`` lists every within comparison, then
+every cross comparison.
 
 Within-domain pairs are (sample k, sample P + k) of 2P different samples of one dataset;
 cross-domain pairs are (sample k of A, sample k of B).

@@ -139,3 +139,41 @@ def test_relate_command(tmp_path, capsys):
     assert (tmp_path / "h.png").stat().st_size > 0
     assert main(["relate", runs[0], "--json", str(out)]) == 2  # one run is no matrix
     assert main(["relate", *runs, "--layers", "5:9"]) == 2
+
+
+class _CharTok:
+    """Characters to ids, enough for ``sample_sequences`` on local files."""
+
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [1 + ord(c) % (VOCAB - 1) for c in text]}
+
+
+def test_similarity_run_within_cross_and_all(tmp_path):
+    from actpat.commands.similarity import similarity_run, write_outputs
+
+    files = []
+    for k in range(3):
+        f = tmp_path / f"d{k}.txt"
+        f.write_text("".join(f"text {k} number {i} " * (1 + i % 3) + "\n" for i in range(6)))
+        files.append(str(f))
+    lm = LoadedModel(tiny_model("llama"), _CharTok(), "llama", {"spec": "tiny"})
+    one = similarity_run(lm, files[:1], pairs=2, seq_len=16, progress=False)
+    (c,) = one["comparisons"]
+    assert c["kind"] == "within" and c["pairs"] == [[0, 2], [1, 3]]
+    assert np.array(c["per_pair"]).shape == (2, 2)
+    two = similarity_run(lm, files[:2], pairs=3, seq_len=16, progress=False)
+    (c,) = two["comparisons"]
+    assert c["kind"] == "cross" and c["pairs"] == [[0, 0], [1, 1], [2, 2]]
+    three = similarity_run(lm, files, pairs=2, seq_len=16, progress=False)
+    kinds = [(c["kind"], tuple(c["datasets"])) for c in three["comparisons"]]
+    assert kinds[:3] == [("within", (f, f)) for f in files] and len(kinds) == 6
+    # the joint pass gives the same within-domain numbers as the one-dataset run
+    np.testing.assert_allclose(three["comparisons"][0]["per_pair"],
+                               one["comparisons"][0]["per_pair"], atol=1e-6)
+    write_outputs(three, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "similarity.json").read_text())
+    assert saved["num_layers"] == 2
+    assert set(saved["matrix_types"]) == {"q", "k", "v", "o", "gate", "up", "down"}
+    assert (tmp_path / "run" / "similarity_boxes.png").exists()
