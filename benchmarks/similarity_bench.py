@@ -5,7 +5,7 @@ Runs, each in a fresh child process (so its peak RSS is its own):
 for two values of N, on the same C4 windows of SmolLM2-135M, and appends a section to
 BENCHMARKS.md: seconds per sample / per pair, their ratio, and each run's peak RSS.
 
-    python benchmarks/similarity_bench.py [--pairs 2 6] [--seq-len 64] [--threads 0]
+    python benchmarks/similarity_bench.py [--pairs 2 6] [--seq-len 64] [--threads 1]
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ def child(kind: str, n: int, seq_len: int, threads: int) -> dict:
     lm = load_model("smollm2-135m", "cpu")
     seqs = sample_sequences(lm.tokenizer, "c4", 2 * n, seq_len, 0).sequences
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), time.process_time()
     if kind == "profile":
         compute_profile(lm, seqs, batch_size=4, progress=False)
     else:
         pair_similarity(lm, list(zip(seqs[:n], seqs[n:])), pairs_per_batch=2)
-    seconds = time.perf_counter() - start
-    return {"kind": kind, "n": n, "samples": 2 * n, "seconds": seconds,
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    return {"kind": kind, "n": n, "samples": 2 * n, "seconds": seconds, "cpu_seconds": cpu,
             "rss_before_mb": round(base_rss),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
@@ -51,7 +51,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, nargs="+", default=[2, 6])
     ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
     ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     args = ap.parse_args()
@@ -75,18 +75,20 @@ def main() -> int:
         f"`python benchmarks/similarity_bench.py --pairs {' '.join(map(str, args.pairs))} "
         f"--seq-len {args.seq_len}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"load average {load:.1f} at the end (shared machine: absolute times are noisy, "
-        "compare within a row pair).",
+        f"torch threads {args.threads or 'default'}, load average {load:.1f} at the end "
+        "(shared machine: wall times are noisy; CPU time is the steadier figure).",
         "",
-        "| N pairs | profile 2N samples (s) | similarity N pairs (s) | ratio sim/profile | "
-        "s per pair | peak RSS profile (MB) | peak RSS similarity (MB) |",
+        "| N pairs | profile 2N samples: wall / CPU (s) | similarity N pairs: wall / CPU (s) | "
+        "CPU ratio sim/profile | CPU s per pair | peak RSS profile (MB) | "
+        "peak RSS similarity (MB) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for n in args.pairs:
         p = next(r for r in rows if r["n"] == n and r["kind"] == "profile")
         s = next(r for r in rows if r["n"] == n and r["kind"] == "similarity")
-        lines.append(f"| {n} | {p['seconds']:.1f} | {s['seconds']:.1f} | "
-                     f"{s['seconds'] / p['seconds']:.2f} | {s['seconds'] / n:.2f} | "
+        lines.append(f"| {n} | {p['seconds']:.1f} / {p['cpu_seconds']:.1f} | "
+                     f"{s['seconds']:.1f} / {s['cpu_seconds']:.1f} | "
+                     f"{s['cpu_seconds'] / p['cpu_seconds']:.2f} | {s['cpu_seconds'] / n:.2f} | "
                      f"{p['peak_rss_mb']} | {s['peak_rss_mb']} |")
     lines += ["", "Peak RSS includes the model (~0.6 GB as float32) and its loading; profiling "
               "also holds the mean map (~0.4 GB). Similarity keeps only a B x B Gram matrix per "
