@@ -333,11 +333,11 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(work, tmp_path):
     import time
 
     texts = tmp_path / "many.txt"
-    texts.write_text("".join(f"line {i} of a long file of short texts\n" for i in range(60)))
+    texts.write_text("".join(f"line {i} of a long file of short texts\n" for i in range(32)))
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "actpat", "profile", "--model", str(work / "model"),
-            "--dataset", str(texts), "--samples", "60", "--seq-len", "32", "--batch-size",
-            "1", "--checkpoint-every", "4", "--no-cache", "--device", "cpu", "--quiet",
+            "--dataset", str(texts), "--samples", "32", "--seq-len", "32", "--batch-size",
+            "1", "--checkpoint-every", "2", "--no-cache", "--device", "cpu", "--quiet",
             "--out", str(out)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     # a shell without job control starts background jobs with SIGINT ignored: restore it
@@ -347,7 +347,7 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(work, tmp_path):
     deadline = time.time() + 240
     while not any((out / "checkpoint").glob("*.safetensors")) and proc.poll() is None \
             and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -359,5 +359,5 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(work, tmp_path):
     assert done.returncode == 0, done.stderr
     assert (out / "profile.safetensors").exists()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["samples"] == 60 and summary.get("resumed_at_sample", 0) > 0
+    assert summary["samples"] == 32 and summary.get("resumed_at_sample", 0) > 0
     assert not any((out / "checkpoint").glob("*.safetensors"))  # a finished run removes it

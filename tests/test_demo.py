@@ -1,0 +1,72 @@
+"""The demo end to end: with the built-in probe texts on a tiny model (fast), and on SmolLM2 with
+the local benchmark subsets at --quick sizes (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tinylm import save_tiny_lm
+
+from actpat.cli import main
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.delenv("ACTPAT_DATA_DIR", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+
+
+def test_demo_with_probe_texts_resumes(tmp_path, capsys, offline):
+    """No data dir and no hub: the probe texts, real-data steps skipped, the report written; a
+    second run keeps every finished step."""
+    model = save_tiny_lm(tmp_path / "model")
+    out = tmp_path / "demo"
+    argv = ["demo", "--quick", "--model", model, "--out", str(out), "--device", "cpu", "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "built-in probe texts" in printed
+    state = json.loads((out / "demo.json").read_text())
+    steps = state["steps"]
+    assert state["data_mode"] == "probes" and state["seed"] == 0
+    for name in ("sts", "prune", "eval"):
+        assert steps[name]["status"] == "skipped"
+    assert steps["profiles"]["status"] == "done" and steps["report"]["status"] == "done"
+    assert sorted(p.name for p in (out / "profiles").iterdir()) == sorted(
+        ["probe-arithmetic", "probe-code", "probe-prose", "probe-questions"])
+    html = (out / "report.html").read_text()
+    assert "Activated weights per layer" in html
+    before = (out / "profiles" / "probe-code" / "profile.safetensors").stat().st_mtime_ns
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    assert "profiles: done earlier, kept" in again
+    assert (out / "profiles" / "probe-code" / "profile.safetensors").stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_demo_quick_on_smollm2(tmp_path, data_dir, capsys):
+    """`actpat demo --quick` on SmolLM2-135M with the local benchmark subsets: every step runs."""
+    out = tmp_path / "demo"
+    rc = main(["demo", "--quick", "--out", str(out), "--data-dir", data_dir, "--device", "cpu",
+               "--quiet"])
+    state = json.loads((out / "demo.json").read_text())
+    assert rc == 0, state["steps"]
+    assert state["data_mode"] == "local"
+    assert all(v["status"] == "done" for v in state["steps"].values()), state["steps"]
+    for f in ("figure1.png", "similarity/similarity.json", "sts/sts.json",
+              "allocation/activation.json", "pruned/activation/actpat_prune.json",
+              "eval/dense.json", "eval/wanda-activation.json", "report.html"):
+        assert (out / f).exists(), f
+    html = (out / "report.html").read_text()
+    for heading in ("Activated weights per layer", "Pattern similarity", "Semantic similarity",
+                    "Layer-wise sparsity allocation", "Pruning", "Evaluation"):
+        assert heading in html, heading
+    assert os.path.getsize(out / "report.html") > 50_000
