@@ -97,7 +97,13 @@ def get_objective(name: str) -> Objective:
 
 
 class Sink(Protocol):
-    """Receives per-sample activations of one matrix: ``acts`` is (B, out, in) float32."""
+    """Receives per-sample activations of one matrix: ``acts`` is (B, out, in) float32.
+
+    Optional: ``wants(matrix) -> bool`` to skip matrices; ``add_abs_grad(matrix, abs_grad,
+    abs_weight)`` instead of ``add`` for sinks that only need sums (|W| can be factored out of a
+    sum over samples): it receives |G_b| (B, out, in) and |W| (out, in), both float32 in the
+    stored layout, must not modify them and must not keep references (the buffer is reused).
+    """
 
     def add(self, matrix: ScoredMatrix, acts: torch.Tensor) -> None: ...
 
@@ -113,11 +119,22 @@ class MeanAccumulator:
         self.count += n
 
     def add(self, matrix: ScoredMatrix, acts: torch.Tensor) -> None:
-        s = acts.sum(0)
+        s = acts[0] if acts.shape[0] == 1 else acts.sum(0)  # no copy for a batch of one
         if matrix.name in self.sums:
             self.sums[matrix.name] += s
         else:
             self.sums[matrix.name] = s.clone()
+
+    def add_abs_grad(self, matrix: ScoredMatrix, abs_grad: torch.Tensor,
+                     abs_weight: torch.Tensor) -> None:
+        """Faster path used by ``score_batch``: sum_b |W| |G_b| = |W| * sum_b |G_b|, so the
+        product with |W| is taken once per batch instead of once per sample."""
+        s = abs_grad[0] if abs_grad.shape[0] == 1 else abs_grad.sum(0)
+        held = self.sums.get(matrix.name)
+        if held is None:
+            self.sums[matrix.name] = s * abs_weight
+        else:
+            held.addcmul_(s, abs_weight)
 
     def mean(self) -> dict[str, torch.Tensor]:
         return {k: (v / max(self.count, 1)).cpu() for k, v in self.sums.items()}
@@ -168,14 +185,23 @@ class _Hooks:
         if self.padded:  # zero the padding positions (a copy of x, so only when there are any)
             x = x * self.token_mask.to(x.device).unsqueeze(-1)
         g = g.reshape(batch, tokens, -1).float()
-        grad = torch.bmm(g.transpose(1, 2), x)
+        grad = torch.bmm(g.transpose(1, 2), x).abs_()  # |G_b|
         if w.device != grad.device:
             w = w.to(grad.device)
-        acts = grad.abs_().mul_(w.float().abs().unsqueeze(0))
-        if m.transposed:  # GPT-2 Conv1D stores its weight (in, out): keep the stored layout
-            acts = acts.transpose(1, 2)
-        for sink in self.sinks:
-            if _wants(sink, m):
+        w_abs = w.float().abs()
+        sinks = [sink for sink in self.sinks if _wants(sink, m)]
+        plain = [sink for sink in sinks if not hasattr(sink, "add_abs_grad")]
+        for sink in sinks:  # sinks that factor |W| out of their sums: before grad is reused
+            if hasattr(sink, "add_abs_grad"):
+                if m.transposed:  # GPT-2 Conv1D stores its weight (in, out): stored layout
+                    sink.add_abs_grad(m, grad.transpose(1, 2), w_abs.t())
+                else:
+                    sink.add_abs_grad(m, grad, w_abs)
+        if plain:
+            acts = grad.mul_(w_abs.unsqueeze(0))
+            if m.transposed:
+                acts = acts.transpose(1, 2)
+            for sink in plain:
                 sink.add(m, acts)
 
 

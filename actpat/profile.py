@@ -219,11 +219,19 @@ class _Accumulator(MeanAccumulator):
     def end_batch(self, n: int) -> None:
         pass  # the loop counts a batch once, after all its retried parts succeeded
 
+    def _place(self, name: str, device: torch.device) -> None:
+        held = self.sums.get(name)
+        if held is not None and held.device != device:  # resumed (CPU) or offloaded model
+            self.sums[name] = held.to(device)
+
     def add(self, matrix, acts: torch.Tensor) -> None:
-        held = self.sums.get(matrix.name)
-        if held is not None and held.device != acts.device:  # resumed (CPU) or offloaded model
-            self.sums[matrix.name] = held.to(acts.device)
+        self._place(matrix.name, acts.device)
         super().add(matrix, acts)
+        self.added.add(matrix.name)
+
+    def add_abs_grad(self, matrix, abs_grad: torch.Tensor, abs_weight: torch.Tensor) -> None:
+        self._place(matrix.name, abs_grad.device)
+        super().add_abs_grad(matrix, abs_grad, abs_weight)
         self.added.add(matrix.name)
 
 
