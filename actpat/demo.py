@@ -222,12 +222,16 @@ def step_profiles(ctx: DemoContext) -> str | None:
 
 def step_figure1(ctx: DemoContext) -> str | None:
     from .plots import plot_layer_counts
-    from .profile import Profile, counts, write_json
+    from .profile import Profile, counts, threshold, write_json
 
     rows = []
-    for d in profile_dirs(ctx):
+    dirs = profile_dirs(ctx)
+    reference = _counts_profile(ctx)  # one gamma for all: the 0.1 quantile of the C4 profile
+    gamma, rule = threshold(Profile.load(reference), gamma_quantile=0.1)
+    for d in dirs:
         prof = Profile.load(d)
-        c = counts(prof, None, 0.1)
+        c = counts(prof, gamma=gamma)
+        c.gamma_rule = f"{rule} of {reference.name}"
         rows.append({"run": str(d), "dataset": prof.meta.get("dataset"),
                      "data_source": prof.meta.get("data_source"), "seed": prof.meta.get("seed"),
                      **c.to_json()})

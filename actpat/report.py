@@ -235,19 +235,29 @@ def profile_sections(arts: list[Artifact], gamma: float | None,
                      gamma_quantile: float | None) -> list[Section]:
     """Figure 1 (activated weights per layer) for all profiles; relatedness per model."""
     from .plots import plot_layer_counts
-    from .profile import Profile, counts
+    from .profile import Profile, counts, threshold
 
     if not arts:
         return []
     loaded, rows, problems = [], [], []
     for a in arts:
         try:
-            prof = Profile.load(a.path)
+            loaded.append((a, Profile.load(a.path)))
         except UserError as e:
             problems.append(str(e))
-            continue
-        c = counts(prof, gamma, gamma_quantile)
-        loaded.append((a, prof))
+    # One gamma per model, as `actpat counts` does: absolute, or the quantile of its first run.
+    model_gamma: dict[str, tuple[float, str]] = {}
+    for a, prof in loaded:
+        key = json.dumps(list(prof.maps), default=str)
+        if gamma is None and key not in model_gamma:
+            g, rule = threshold(prof, gamma_quantile=gamma_quantile)
+            model_gamma[key] = (g, f"{rule} of {a.path.name}")
+        if gamma is None:
+            g, rule = model_gamma[key]
+            c = counts(prof, gamma=g)
+            c.gamma_rule = rule
+        else:
+            c = counts(prof, gamma=gamma)
         rows.append({"run": a.path.name, "dataset": prof.meta.get("dataset") or a.path.name,
                      "model": _model_name(prof.meta.get("model")), **c.to_json()})
     sections = []
