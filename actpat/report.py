@@ -45,6 +45,7 @@ NOT_RESULTS = {"config.json", "generation_config.json", "tokenizer.json", "token
                "special_tokens_map.json", "model.safetensors.index.json", "summary.json",
                "added_tokens.json", "vocab.json", "actpat_source.json", "chat_template.json"}
 SKIP_DIRS = {"checkpoint", ".git", "__pycache__"}
+MAX_BOX_PANELS = 9  # similarity box plots drawn per run (all comparisons go in the tables)
 MAX_DEPTH = 4
 
 
@@ -58,6 +59,7 @@ class Artifact:
     kind: str  # profile | similarity | sts | allocation | prune | eval | counts | relate | figure
     path: Path
     data: object = None
+    group: str | None = None  # experiments: the table it belongs to
 
 
 def find_artifacts(paths: Iterable[str | Path]) -> tuple[list[Artifact], list[str]]:
@@ -104,7 +106,10 @@ def _classify_file(f: Path, found, notes, seen) -> None:
         notes.append(f"{f}: not readable JSON ({str(e)[:80]}); skipped")
         return
     kind = classify_json(f.name, data)
-    if kind:
+    if kind == "experiment-list":  # a results file holding many configurations
+        seen.add(key)
+        found.extend(Artifact("experiment", f, item, group=f.name) for item in data)
+    elif kind:
         seen.add(key)
         found.append(Artifact(kind, f, data))
 
@@ -114,6 +119,9 @@ def classify_json(name: str, data) -> str | None:
     if isinstance(data, list):
         if data and isinstance(data[0], dict) and "layer_counts" in data[0]:
             return "counts"
+        if data and all(isinstance(x, dict) and isinstance(x.get("config"), dict)
+                        and isinstance(x.get("eval"), dict) for x in data):
+            return "experiment-list"
         return None
     if not isinstance(data, dict):
         return None
@@ -341,6 +349,44 @@ def _relatedness_sections(loaded) -> list[Section]:
     return out
 
 
+def relate_sections(arts: list[Artifact]) -> list[Section]:
+    """Saved ``actpat relate --json`` results: a heatmap per band and the ranking."""
+    out = []
+    for a in arts:
+        d = a.data
+        names = d.get("datasets") or []
+        bands = {k: v for k, v in (d.get("bands") or {}).items() if isinstance(v, dict)
+                 and v.get("matrix")}
+        if not names or not bands:
+            continue
+        plt = _plt()
+        fig, axes = plt.subplots(1, len(bands), figsize=(4.2 * len(bands), 3.9), squeeze=False)
+        for ax, (band, b) in zip(axes[0], bands.items()):
+            m = b["matrix"]
+            lo = min(min(r) for r in m)
+            ax.imshow(m, vmin=min(0.5, lo), vmax=1.0, cmap="viridis")
+            ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+            ax.set_yticks(range(len(names)), names, fontsize=7)
+            ax.set_title(f"{band} layers [{b.get('start')}, {b.get('end')})", fontsize=9)
+            for i in range(len(names)):
+                for j in range(len(names)):
+                    ax.text(j, i, f"{m[i][j]:.2f}", ha="center", va="center", fontsize=6,
+                            color="w" if m[i][j] < 0.85 else "k")
+        body = [_png_tag(_fig_bytes(fig), "dataset relatedness heatmap")]
+        ref = d.get("reference")
+        rows = [[band, ", ".join(f"{n} {_num(v, 3)}" for n, v in ranking)]
+                for band, ranking in (d.get("ranking") or {}).items()]
+        if rows:
+            body.append(f"<p>Datasets closest to {_esc(ref)}, per band:</p>"
+                        + _table(["band", "ranking"], rows))
+        body.append(_settings([("runs", ", ".join(map(str, d.get("runs") or []))),
+                               ("layers", d.get("num_layers"))]))
+        sid = "relate" if not out else f"relate-{len(out)}"
+        out.append(Section(sid, f"Dataset relatedness ({a.path.name})", "\n".join(body),
+                           [str(a.path)]))
+    return out
+
+
 def _unique(names: list[str]) -> list[str]:
     out, seen = [], {}
     for n in names:
@@ -378,16 +424,18 @@ def similarity_sections(arts: list[Artifact]) -> list[Section]:
         if not comps:
             continue
         plt = _plt()
-        n = len(comps)
+        shown = comps[:MAX_BOX_PANELS]
+        n = len(shown)
         cols = min(n, 3)
         nrows = math.ceil(n / cols)
         fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.2 * nrows), squeeze=False,
                                  sharey=True)
-        for ax, c in zip(axes.flat, comps):
+        for ax, c in zip(axes.flat, shown):
             per_pair = [[v for v in col if v is not None and math.isfinite(v)]
                         for col in zip(*c["per_pair"])]
             ax.boxplot(per_pair, positions=range(len(per_pair)), widths=0.6, showfliers=False)
-            ax.set_xticks(range(0, len(per_pair), max(1, len(per_pair) // 8)))
+            ticks = list(range(0, len(per_pair), max(1, len(per_pair) // 8)))
+            ax.set_xticks(ticks, [str(t) for t in ticks])
             ax.tick_params(labelsize=7)
             ax.set_title(_comparison_name(c), fontsize=9)
             ax.set_xlabel("decoder layer", fontsize=8)
@@ -396,6 +444,9 @@ def similarity_sections(arts: list[Artifact]) -> list[Section]:
             ax.axis("off")
         axes[0][0].set_ylabel("pattern similarity", fontsize=8)
         body = [_png_tag(_fig_bytes(fig), "similarity box plots per layer")]
+        if len(comps) > n:
+            body.append(f'<p class="note">Box plots of the first {n} of {len(comps)} '
+                        "comparisons; the tables list all of them.</p>")
         layers = d.get("num_layers") or len(comps[0]["summary"]["median"])
         half = layers // 2
         rows = []
@@ -417,7 +468,9 @@ def similarity_sections(arts: list[Artifact]) -> list[Section]:
             ("objective", d.get("objective")), ("seed", d.get("seed")),
             ("time", _timing(d.get("timing"))), ("versions", _versions(d.get("versions")))]))
         out.append(Section(f"similarity-{len(out)}" if out else "similarity",
-                           f"Pattern similarity within and across domains ({a.path.parent.name})",
+                           "Pattern similarity within and across domains ("
+                           + (a.path.parent.name if a.path.name == "similarity.json"
+                              else a.path.name) + ")",
                            "\n".join(body), [str(a.path)]))
     return out
 
@@ -676,15 +729,16 @@ def prune_sections(arts: list[Artifact]) -> list[Section]:
 def experiment_sections(arts: list[Artifact]) -> list[Section]:
     """Configurations of a reproduction (pruner, allocation, S, calibration, seed -> results),
     one table per experiment directory."""
-    groups: dict[Path, list[Artifact]] = {}
+    groups: dict[str, list[Artifact]] = {}
     for a in arts:
-        root = a.path.parent.parent if a.path.parent.name == "configs" else a.path.parent
+        root = a.group or (a.path.parent.parent.name if a.path.parent.name == "configs"
+                           else a.path.parent.name)
         groups.setdefault(root, []).append(a)
     out = []
     for root, group in groups.items():
         columns: list[tuple[str, str]] = []
         rows = []
-        for a in sorted(group, key=lambda x: x.path.name):
+        for a in sorted(group, key=lambda x: str(x.data.get("name") or x.path.name)):
             d = a.data
             values = {}
             for task, m, v in _eval_rows(d["eval"]):
@@ -716,8 +770,8 @@ def experiment_sections(arts: list[Artifact]) -> list[Section]:
             ("configurations", len(group)),
             ("versions", _versions(group[0].data.get("versions")))])
         sid = "experiments" if not out else f"experiments-{len(out)}"
-        out.append(Section(sid, f"Pruning experiments ({root.name})", body,
-                           [str(root)]))
+        out.append(Section(sid, f"Pruning experiments ({root})", body,
+                           sorted({str(a.path) for a in group})))
     return out
 
 
@@ -762,6 +816,11 @@ def build_sections(paths: Iterable[str | Path], gamma: float | None = None,
                                  gamma_quantile)
     if not by["profile"]:
         sections += counts_sections(by["counts"])
+    if not any(x.id.startswith("relatedness") for x in sections):
+        try:
+            sections += relate_sections(by["relate"])
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            notes.append(f"relate results could not be drawn ({type(e).__name__}: {e})")
     for fn, kind in ((similarity_sections, "similarity"), (sts_sections, "sts"),
                      (lambda x: allocation_sections(x, by["prune"]), "allocation"),
                      (prune_sections, "prune"),
