@@ -156,22 +156,32 @@ class PairSimilarity:
 def pair_similarity(lm: LoadedModel, pairs: Sequence[tuple[list[int], list[int]]],
                     pairs_per_batch: int = 2, objective: str = "max-logit",
                     progress: bool = False, desc: str = "pairs") -> PairSimilarity:
-    """sim(a, b) per layer for each pair; both members of a pair are scored in one batch."""
+    """sim(a, b) per layer for each pair; both members of a pair are scored in one batch.
+
+    In a joined process group (torchrun) each rank scores every N-th batch of pairs and the
+    per-pair results are gathered back in input order on every rank (same values as one process).
+    """
     from tqdm.auto import tqdm
 
+    from .distributed import active, gather_in_order, shard
+
     start = time.perf_counter()
-    chunks = [pairs[i:i + pairs_per_batch] for i in range(0, len(pairs), pairs_per_batch)]
+    every = [pairs[i:i + pairs_per_batch] for i in range(0, len(pairs), pairs_per_batch)]
+    ctx = active()  # under torchrun with a process group: this rank's share of the batches
+    chunks = shard(every, ctx)
     batches = ([s for pair in chunk for s in pair] for chunk in chunks)
-    layer, matrix = [], {}
-    bar = tqdm(total=len(pairs), desc=desc, unit="pair", disable=not progress)
+    mine = []  # per chunk: [(sims, per_type) per pair]
+    bar = tqdm(total=sum(len(c) for c in chunks), desc=desc, unit="pair", disable=not progress)
     for chunk, gram in zip(chunks, score_grams(lm, batches, objective)):
-        for k in range(len(chunk)):
-            sims, per_type = gram.cosine(2 * k, 2 * k + 1)
+        mine.append([gram.cosine(2 * k, 2 * k + 1) for k in range(len(chunk))])
+        bar.update(len(chunk))
+    bar.close()
+    layer, matrix = [], {}
+    for per_chunk in gather_in_order(mine, len(every), ctx):
+        for sims, per_type in per_chunk:
             layer.append(sims)
             for t, v in per_type.items():
                 matrix.setdefault(t, []).append(v)
-        bar.update(len(chunk))
-    bar.close()
     return PairSimilarity(np.array(layer), {t: np.array(v) for t, v in matrix.items()},
                           time.perf_counter() - start, 2 * len(pairs))
 

@@ -281,3 +281,88 @@ def test_offloaded_pruning_equals_plain_pruning(arch, pruner):
     from actpat.models import decoder_layers
 
     assert not any(layer._forward_pre_hooks for layer in decoder_layers(offloaded))
+
+
+_TWO_RANK_SIMILARITY = """
+import os, sys
+import numpy as np
+import torch
+sys.path.insert(0, {tests!r})
+from tiny import tiny_model
+from actpat.distributed import init, Context, shutdown
+import actpat.similarity as S
+from actpat.similarity import pair_similarity
+
+ctx = init(Context.from_env(), "cpu")
+batches = []
+orig = S.score_batch
+def counting(model, ids, *a, **k):
+    batches.append(ids.shape[0])
+    return orig(model, ids, *a, **k)
+S.score_batch = counting
+class LM:
+    model = tiny_model("llama")
+    tokenizer = type("T", (), {{"pad_token_id": 0}})()
+g = torch.Generator().manual_seed(5)
+seqs = [torch.randint(2, 101, (int(torch.randint(4, 20, (1,), generator=g)),),
+                      generator=g).tolist() for _ in range(10)]
+pairs = list(zip(seqs[:5], seqs[5:]))
+sims = pair_similarity(LM(), pairs, pairs_per_batch=2)
+np.save(sys.argv[1] + f"/rank{{ctx.rank}}.npy", sims.layer)
+np.save(sys.argv[1] + f"/batches{{ctx.rank}}.npy", np.array(batches))
+shutdown()
+"""
+
+
+def test_pair_similarity_two_gloo_processes_equal_one_process(tmp_path):
+    """Similarity (and STS, which scores through pair_similarity) sharded over 2 ranks."""
+    import numpy as np
+
+    script = _TWO_RANK_SIMILARITY.format(tests=str(Path(__file__).parent))
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=env,
+                                      stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
+    single_env = {k: v for k, v in os.environ.items()
+                  if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    one = tmp_path / "one"
+    one.mkdir()
+    proc = subprocess.run([sys.executable, "-c", script, str(one)], env=single_env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = np.load(one / "rank0.npy")
+    assert ref.shape == (5, 2)
+    assert np.load(one / "batches0.npy").tolist() == [4, 4, 2]  # 3 batches of pairs
+    # the batches were shared out: rank 0 scored batches 0 and 2, rank 1 batch 1
+    assert np.load(tmp_path / "batches0.npy").tolist() == [4, 2]
+    assert np.load(tmp_path / "batches1.npy").tolist() == [4]
+    for rank in range(2):  # every rank holds all pairs, in input order
+        got = np.load(tmp_path / f"rank{rank}.npy")
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=0)
+
+
+def test_prune_cli_offload_cpu_equals_plain(tmp_path, data_dir):
+    """`actpat prune --offload cpu` (one decoder layer on the device at a time) == plain."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from actpat.cli import main
+
+    model_dir = save_tiny_lm(tmp_path / "lm")
+    base = ["prune", "--model", model_dir, "--sparsity", "0.5", "--pruner", "wanda",
+            "--calibration", "c4", "--data-dir", data_dir, "--calibration-samples", "4",
+            "--seq-len", "32", "--device", "cpu", "--quiet"]
+    assert main([*base, "--save", str(tmp_path / "plain")]) == 0
+    assert main([*base, "--offload", "cpu", "--save", str(tmp_path / "off")]) == 0
+    a = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    b = load_file(str(tmp_path / "off" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    record = json.loads((tmp_path / "off" / "actpat_prune.json").read_text())
+    assert record["offload"]["layers_loaded"] == [0, 1]
+    assert 0.45 < record["achieved_sparsity"] < 0.55

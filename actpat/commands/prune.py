@@ -29,6 +29,9 @@ def add_arguments(p) -> None:
     add_calibration_arguments(p)
     p.add_argument("--save", required=True, help="output directory (HF checkpoint)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --save")
+    p.add_argument("--offload", default="none", choices=["none", "cpu"],
+                   help="cpu: keep the model in CPU memory and bring one decoder layer at a time "
+                        "onto --device (models larger than the GPU)")
     add_common(p)
 
 
@@ -50,13 +53,24 @@ def run(args) -> int:
                         f"{args.sparsity}; pass --sparsity {nm[0] / nm[1]:g}")
     out = prepare_out_dir(args.save, args.overwrite, owned=OWNED)
     start = time.perf_counter()
-    lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    offload = getattr(args, "offload", "none") == "cpu"
+    lm = load_model(args.model, "cpu" if offload else args.device, args.dtype,
+                    args.trust_remote_code)
     needs_calib = pruner.stat is not None or args.allocation == "owl" or \
         (args.allocation == "activation" and args.profile is None)
     samples = load_calibration(args, lm) if needs_calib else None
     sparsities, alloc = resolve_allocation(args, args.allocation, lm, samples)
-    report = prune_model(lm.model, None if samples is None else samples.sequences, sparsities,
-                         args.pruner, args.pattern, args.batch_size, progress=not args.quiet)
+    if offload:
+        from ..models import resolve_device
+        from ..offload import prune_offloaded
+
+        report = prune_offloaded(lm.model, None if samples is None else samples.sequences,
+                                 sparsities, args.pruner, args.pattern, args.batch_size,
+                                 progress=not args.quiet, device=resolve_device(args.device))
+    else:
+        report = prune_model(lm.model, None if samples is None else samples.sequences,
+                             sparsities, args.pruner, args.pattern, args.batch_size,
+                             progress=not args.quiet)
     record = {
         "model": lm.identity, "pruner": args.pruner, "pattern": args.pattern,
         "allocation": alloc, "target_sparsity": args.sparsity,
@@ -65,6 +79,7 @@ def run(args) -> int:
         "achieved_per_layer": [x["achieved"] for x in report["layers"]],
         "calibration": None if samples is None else calibration_info(args, samples),
         "seed": args.seed, "dtype": args.dtype, "batch_size": args.batch_size,
+        "offload": report.get("offload"),
         "prune_seconds": report["seconds"], "total_seconds": None,
         "matrices": report["matrices"], "versions": versions(),
         "command": "actpat " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("actpat") else None,
