@@ -134,3 +134,8 @@ def test_every_output_records_its_seed(work, tmp_path):
             work / "data", "--pairs", "1", "--seq-len", "32", "--seed", "7", "--device", "cpu",
             "--quiet", "--out", tmp_path / "s")
         assert json.loads((tmp_path / "s" / "similarity.json").read_text())["seed"] == 7
+    if has("actpat.commands.allocate"):
+        run("allocate", "--sparsity", "0.5", "--method", "activation", "--profile",
+            tmp_path / "p", "--seed", "7", "--json", tmp_path / "a.json")
+        alloc = json.loads((tmp_path / "a.json").read_text())
+        assert alloc["seed"] == 7 and alloc["counts"]["profile"] == str(tmp_path / "p")

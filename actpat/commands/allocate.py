@@ -137,6 +137,7 @@ def run(args) -> int:
     s, info = resolve_allocation(args, args.method, lm, samples)
     if samples is not None:
         info["calibration"] = calibration_info(args, samples)
+    info["seed"] = args.seed  # every output records its seed
     print(f"{args.method} allocation, S = {args.sparsity}")
     print("layer  S_i")
     for i, x in enumerate(s):
