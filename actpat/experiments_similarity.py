@@ -223,6 +223,7 @@ def reproduce_sts(lm: LoadedModel, out, dataset: str = "stsb", samples: int | No
                     done[i] = _unpack(r)
     todo = [i for i in order if i not in done]
     start = time.perf_counter()
+    scored_now = 0
     bar = tqdm(total=len(order), initial=len(order) - len(todo), desc=f"{dataset} pairs",
                disable=not progress)
     with ckpt.open("a") as fh:
@@ -235,12 +236,12 @@ def reproduce_sts(lm: LoadedModel, out, dataset: str = "stsb", samples: int | No
             fh.flush()
             for i, r in zip(chunk, packed):
                 done[i] = _unpack(r)
+            scored_now += len(chunk)
             bar.update(len(chunk))
             if budget_s is not None and time.perf_counter() - start > budget_s:
                 break
     bar.close()
     t_act = time.perf_counter() - start
-    scored_now = min(len(todo), len(done))
     ids = sorted(i for i in done if i in set(order))  # input order
     sub = Pairs([everything.a[i] for i in ids], [everything.b[i] for i in ids],
                 everything.scores[ids], [everything.indices[i] for i in ids], everything.source,
