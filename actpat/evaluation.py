@@ -149,6 +149,7 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None,
 
     import lm_eval
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
     for noisy in ("lm_eval", "lm-eval"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -163,9 +164,16 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None,
               device=str(next(model.parameters()).device))
     start = time.perf_counter()
     try:
+        # our configs are self-contained: skip indexing lm-eval's thousands of built-in YAMLs
+        manager = TaskManager(include_defaults=False)
         res = lm_eval.simple_evaluate(model=lm, tasks=list(configs.values()), limit=limit,
                                       bootstrap_iters=0, log_samples=log_samples,
-                                      verbosity="ERROR")
+                                      verbosity="ERROR", task_manager=manager)
+    except AssertionError:  # lm-eval's check that a continuation fits the model's context
+        context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        raise UserError(f"an item of {', '.join(tasks)} is longer than the model's context "
+                        f"({context} tokens); use a model with a longer context or drop the "
+                        "task") from None
     except Exception as e:
         if sources and any(s.startswith("hub:") for s in sources.values()):
             raise UserError(f"lm-eval failed on a hub dataset ({str(e).splitlines()[0][:160]}); "
