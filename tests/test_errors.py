@@ -20,7 +20,7 @@ from tinylm import save_not_causal_lm, save_tiny_lm
 
 from actpat.cli import main
 
-PROGRESS = re.compile(r"(it/s\]|s/it\]|Loading weights|Writing model|^\s*$|\d+%\|)")
+PROGRESS = re.compile(r"(it/s\]|s/it\]|examples/s\]|Loading weights|Writing model|\d+%\|)")
 
 
 @pytest.fixture(autouse=True)
@@ -51,15 +51,20 @@ def work(tmp_path_factory):
 
 
 def fail(capsys, *argv) -> str:
-    """Run the command; assert exit 2, exactly one message line, no traceback; return it."""
+    """Run the command; assert exit 2, exactly one message line, no traceback; return it.
+
+    Progress bars of libraries (tqdm, carriage-return lines) may surround the message."""
     rc = main([str(a) for a in argv])
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if not PROGRESS.search(line)]
     assert rc == 2, (rc, err)
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"actpat {argv[0]}: error: "), lines[0]
-    return lines[0]
+    msgs = re.findall(r"actpat \S+: error: [^\r\n]*", err)
+    assert len(msgs) == 1, err
+    assert msgs[0].startswith(f"actpat {argv[0]}: error: "), msgs[0]
+    rest = re.sub(r"actpat \S+: error: [^\r\n]*", "", err)
+    noise = [f for f in re.split(r"[\r\n]+", rest) if f.strip() and not PROGRESS.search(f)]
+    assert not noise, noise
+    return msgs[0]
 
 
 def ok(capsys, *argv) -> str:
@@ -361,3 +366,16 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(work, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["samples"] == 32 and summary.get("resumed_at_sample", 0) > 0
     assert not any((out / "checkpoint").glob("*.safetensors"))  # a finished run removes it
+
+
+@pytest.mark.skipif(not has("actpat.commands.eval"), reason="eval not built")
+def test_eval_item_longer_than_context(capsys, work, tmp_path):
+    """A zero-shot item whose answer alone exceeds the 128-token context: one line, exit 2."""
+    data = tmp_path / "data" / "piqa"
+    data.mkdir(parents=True)
+    long = "stir it " * 40  # 320 characters = 320 tokens for the character tokenizer
+    data.joinpath("validation.jsonl").write_text(json.dumps(
+        {"goal": "How to mix paint?", "sol1": long, "sol2": "shake it", "label": 0}) + "\n")
+    msg = fail(capsys, "eval", "--model", work / "model", "--tasks", "piqa", "--data-dir",
+               tmp_path / "data", "--device", "cpu", "--quiet")
+    assert "longer than the model's context" in msg and "128" in msg
