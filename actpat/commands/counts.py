@@ -56,7 +56,7 @@ def run(args) -> int:
 def _check_same_model(runs, profiles) -> None:
     from ..errors import UserError
 
-    keys = [list(p.maps) for p in profiles]
+    keys = [sorted((k, tuple(v.shape)) for k, v in p.maps.items()) for p in profiles]
     for run, k in zip(runs[1:], keys[1:]):
         if k != keys[0]:
             raise UserError(f"{run} profiles a different model than {runs[0]}; "
