@@ -160,14 +160,31 @@ def test_auto_batch_size_under_a_small_budget_is_exact(monkeypatch):
     assert _max_rel(prof.maps, autograd_activations(model, seqs)) <= 1e-5
 
 
-def test_real_memory_probe_measures_cpu_peak():
-    probe = memory.MemoryProbe("cpu")
-    if not probe.reset_peak():
-        pytest.skip("/proc/self/clear_refs not writable here")
+PROBE_SCRIPT = """
+import torch
+from actpat import memory
+probe = memory.MemoryProbe("cpu")
+if not probe.reset_peak():
+    print("skip")
+else:
     before = probe.current()
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     del block
-    assert probe.peak() - before >= 50 * 2**20
+    print(probe.peak() - before)
+"""
+
+
+def test_real_memory_probe_measures_cpu_peak():
+    # A fresh process: in a long test session freed memory stays resident and is reused, so a
+    # new 64 MiB block need not raise the peak at all.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", PROBE_SCRIPT], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    if out == "skip":
+        pytest.skip("/proc/self/clear_refs not writable here")
+    assert int(out) >= 50 * 2**20
 
 
 @pytest.mark.parametrize("fail_at", [1, 5])  # in the first backward hook, or after 4 matrices
