@@ -17,6 +17,17 @@ def _save(fig, path) -> None:
     plt.close(fig)
 
 
+def _finish_layer_plot(fig, ax, path, ylabel: str, title: str, legend_size: int = 7,
+                       ncol: int = 1) -> None:
+    """Common ending of the per-layer line charts: labels, legend, grid, save."""
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=legend_size, ncol=ncol)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
 def plot_layer_counts(results: list[dict], path, title: str | None = None) -> None:
     """Figure 1: activated weights per layer, one line per run (as a share of the layer)."""
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -24,13 +35,9 @@ def plot_layer_counts(results: list[dict], path, title: str | None = None) -> No
         share = [c / s for c, s in zip(r["layer_counts"], r["scored_per_layer"])]
         ax.plot(range(len(share)), share, marker="o", ms=3, label=str(r.get("dataset") or r["run"]))
     gammas = {r["gamma_rule"] for r in results}
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("share of weights activated (A > γ)")
-    ax.set_title(title or f"Activated weights per layer (γ: {', '.join(sorted(gammas))})",
-                 fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
-    _save(fig, path)
+    _finish_layer_plot(fig, ax, path, "share of weights activated (A > γ)",
+                       title or f"Activated weights per layer (γ: {', '.join(sorted(gammas))})",
+                       ncol=2)
 
 
 # --------------------------------------------------------------------------- similarity (issue 3)
@@ -75,12 +82,8 @@ def plot_similarity_medians(comparisons: list[dict], path, title: str | None = N
         within = comp["kind"] == "within"
         ax.plot(range(len(med)), med, ls="-" if within else "--", marker="o" if within else None,
                 ms=3, color=f"C{c % 10}", label=f"{a} (within)" if within else f"{a} × {b}")
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("median pair similarity")
-    ax.set_title(title or "Within- (solid) vs cross-domain (dashed) similarity", fontsize=9)
-    ax.legend(fontsize=6, ncol=2)
-    ax.grid(alpha=0.3)
-    _save(fig, path)
+    _finish_layer_plot(fig, ax, path, "median pair similarity",
+                       title or "Within- (solid) vs cross-domain (dashed) similarity", 6, 2)
 
 
 def plot_relatedness(names: list[str], matrix, path, title: str | None = None) -> None:
@@ -124,12 +127,8 @@ def plot_sts_layers(result: dict, path, title: str | None = None) -> None:
             c = np.array([[np.nan if v is None else v for v in row] for row in c])
             ax.fill_between(x, c[:, 0], c[:, 1], color=f"C{k + 1}", alpha=0.12)
     ax.axhline(0, color="gray", lw=0.8)
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("Spearman ρ with human score")
-    ax.set_title(title or f"{result.get('dataset')}: {result.get('samples')} pairs", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    _save(fig, path)
+    _finish_layer_plot(fig, ax, path, "Spearman ρ with human score",
+                       title or f"{result.get('dataset')}: {result.get('samples')} pairs")
 
 
 def plot_allocation(allocations: dict[str, list[float]], path, title: str | None = None) -> None:
@@ -137,12 +136,7 @@ def plot_allocation(allocations: dict[str, list[float]], path, title: str | None
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, s in allocations.items():
         ax.plot(range(len(s)), s, marker="o", ms=3, label=name)
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("sparsity S_i")
-    ax.set_title(title or "Layer-wise sparsity per allocator", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    _save(fig, path)
+    _finish_layer_plot(fig, ax, path, "sparsity S_i", title or "Layer-wise sparsity per allocator")
 
 
 def plot_within_vs_cross(comparisons: list[dict], path, title: str | None = None) -> None:
@@ -159,9 +153,5 @@ def plot_within_vs_cross(comparisons: list[dict], path, title: str | None = None
         if groups[kind]:
             ax.plot(np.nanmean(groups[kind], axis=0), color=color, lw=2.5, marker="o", ms=3,
                     label=f"{kind}-domain, mean of {len(groups[kind])} comparisons")
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("mean pair similarity")
-    ax.set_title(title or "Within- vs cross-domain activation-pattern similarity", fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    _save(fig, path)
+    _finish_layer_plot(fig, ax, path, "mean pair similarity",
+                       title or "Within- vs cross-domain activation-pattern similarity", 8)
