@@ -18,6 +18,7 @@ Other modules use the helpers directly: ``shard(items, ctx)``, ``all_reduce_(ten
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +106,24 @@ def local_device(requested: str, ctx: Context) -> str:
 def shutdown() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@contextmanager
+def launched(requested_device: str):
+    """A command's process group for its lifetime: yields ``(ctx, device)``.
+
+    Under torchrun / accelerate launch this joins the group (gloo on CPU, nccl on CUDA, rank r
+    on ``cuda:<local rank>``) and leaves it at the end; a plain start yields one process.
+    """
+    from .models import resolve_device
+
+    ctx = Context.from_env()
+    device = local_device(requested_device, ctx)
+    ctx = init(ctx, resolve_device(device))
+    try:
+        yield ctx, device
+    finally:
+        shutdown()
 
 
 def is_main(ctx: Context | None = None) -> bool:

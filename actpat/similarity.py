@@ -228,17 +228,23 @@ def group_similarity(lm: LoadedModel, groups: dict[str, list[list[int]]],
     Each group holds 2P sequences. Batch k holds samples k and P + k of every group, so one
     batch gives the within-domain pair (k, P + k) of each group and the cross-domain pair
     (sample k of X, sample k of Y) of every two groups: 2P samples per dataset in all, instead
-    of 2P per comparison.
+    of 2P per comparison. Under torchrun each rank scores every N-th batch (as
+    ``pair_similarity``); every rank gets all results in order.
     """
     from tqdm.auto import tqdm
 
+    from .distributed import active, gather_in_order, shard
+
     names = list(groups)
     batches = group_batches(groups)
+    ctx = active()  # under torchrun with a process group: this rank's share of the batches
+    mine = shard(batches, ctx)
     start = time.perf_counter()
     done = []
-    for gram in tqdm(score_grams(lm, batches, objective), total=len(batches),
+    for gram in tqdm(score_grams(lm, mine, objective), total=len(mine),
                      desc="pair batches", unit="batch", disable=not progress):
         done.append(group_comparisons(names, gram))
+    done = gather_in_order(done, len(batches), ctx)
     seconds = time.perf_counter() - start
     within = {n: stack_pairs([d["within"][n] for d in done]) for n in names}
     cross = {k: stack_pairs([d["cross"][k] for d in done]) for k in done[0]["cross"]} \

@@ -237,15 +237,17 @@ def hidden_state_similarity(lm: LoadedModel, pairs: list[tuple[list[int], list[i
     Layer i's state is ``hidden_states[i + 1]`` as transformers returns it: the output of decoder
     layer i (for the last layer, after the final norm where the model applies it there).
     """
+    from .distributed import active, gather_in_order, shard
     from .metric import last_positions, pad_batch
 
     model = lm.model
     device = next(model.parameters()).device
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    mean_out, last_out = [], []
     half = max(1, batch_size // 2)
-    for s in range(0, len(pairs), half):
-        chunk = pairs[s:s + half]
+    chunks = [pairs[s:s + half] for s in range(0, len(pairs), half)]
+    ctx = active()  # under torchrun: this rank's share of the chunks, gathered back in order
+    mine = []
+    for chunk in shard(chunks, ctx):
         seqs = [x for pair in chunk for x in pair]
         ids, mask = pad_batch(seqs, pad, device)
         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True,
@@ -254,10 +256,11 @@ def hidden_state_similarity(lm: LoadedModel, pairs: list[tuple[list[int], list[i
         m = mask.to(hidden.dtype)[None, :, :, None]
         mean = (hidden * m).sum(2) / m.sum(2)
         last = hidden[:, torch.arange(len(seqs)), last_positions(mask)]
-        for store, h in ((mean_out, mean), (last_out, last)):
-            cos = torch.nn.functional.cosine_similarity(h[:, 0::2], h[:, 1::2], dim=-1)
-            store.append(cos.T.double().cpu().numpy())  # (pairs, L)
-    return {"hidden-mean": np.concatenate(mean_out), "hidden-last": np.concatenate(last_out)}
+        mine.append([torch.nn.functional.cosine_similarity(h[:, 0::2], h[:, 1::2], dim=-1)
+                     .T.double().cpu().numpy() for h in (mean, last)])  # (pairs, L) each
+    done = gather_in_order(mine, len(chunks), ctx)
+    return {"hidden-mean": np.concatenate([d[0] for d in done]),
+            "hidden-last": np.concatenate([d[1] for d in done])}
 
 
 # --------------------------------------------------------------------------- the run

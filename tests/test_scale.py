@@ -95,6 +95,57 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path):
                                                                     "summary.json"]
 
 
+
+def _pairs_file(path: Path) -> Path:
+    import json
+
+    words = PROSE.read_text().split()
+    rows = [{"sentence1": " ".join(words[i:i + 6 + i % 5]),
+             "sentence2": " ".join(words[i + 3:i + 9 + i % 3]), "score": float(i % 6)}
+            for i in range(0, 70, 7)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("command", ["similarity", "sts"])
+def test_torchrun_similarity_and_sts_equal_one_process(tmp_path, command):
+    """`torchrun --nproc_per_node 2 -m actpat similarity|sts` == one process; rank 0 writes."""
+    import json
+
+    model_dir = save_tiny_lm(tmp_path / "lm")
+    if command == "similarity":
+        args = ["similarity", "--dataset", str(PROSE), "--pairs", "5", "--seq-len", "24",
+                "--pairs-per-batch", "2"]
+        owned = ["similarity.json", "similarity_boxes.png", "similarity_median.png"]
+    else:
+        args = ["sts", "--dataset", str(_pairs_file(tmp_path / "pairs.jsonl")),
+                "--samples", "0", "--pairs-per-batch", "3", "--bootstrap", "200"]
+        owned = ["sts.json", "sts_layers.png"]
+    common = [*args, "--model", model_dir, "--device", "cpu", "--quiet"]
+    env = {"OMP_NUM_THREADS": "1"}
+    one = _cli([sys.executable, "-m", "actpat", *common, "--out", str(tmp_path / "one")], env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    two = _cli([str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                "-m", "actpat", *common, "--out", str(tmp_path / "two")], env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(owned)
+    a, b = (json.loads((tmp_path / d / owned[0]).read_text()) for d in ("two", "one"))
+    assert a["world_size"] == 2 and b["world_size"] == 1
+    if command == "similarity":
+        got, want = a["comparisons"][0]["per_pair"], b["comparisons"][0]["per_pair"]
+        assert len(want) == 5
+    else:
+        got = [a["pair_similarity"], *a["baseline_pair_similarity"].values()]
+        want = [b["pair_similarity"], *b["baseline_pair_similarity"].values()]
+        assert len(want[0]) == 10
+        assert a["per_layer_spearman"] == pytest.approx(b["per_layer_spearman"], abs=1e-9)
+    import numpy as np
+
+    np.testing.assert_allclose(np.array(got, dtype=float), np.array(want, dtype=float),
+                               rtol=1e-6, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- memory
 
 

@@ -41,9 +41,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..distributed import Context, init, local_device, shutdown
+    from ..distributed import Context, launched
     from ..memory import parse_batch_size, parse_size
-    from ..models import resolve_device
 
     if args.samples <= 0:
         raise UserError(f"--samples must be at least 1 (got {args.samples})")
@@ -59,16 +58,11 @@ def run(args) -> int:
         if "=" in args.max_memory:
             raise UserError("per-device --max-memory lists need --device-map auto; give one size")
         budget = parse_size(args.max_memory)
-    ctx = Context.from_env()
-    if ctx.enabled and args.device_map:
+    if Context.from_env().enabled and args.device_map:
         raise UserError("--device-map auto runs in one process; drop torchrun/accelerate launch "
                         "or --device-map")
-    device = local_device(args.device, ctx)
-    ctx = init(ctx, resolve_device(device))
-    try:
+    with launched(args.device) as (ctx, device):
         return _run(args, ctx, device, budget)
-    finally:
-        shutdown()
 
 
 def _run(args, ctx, device, budget) -> int:

@@ -34,6 +34,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from ..distributed import barrier, launched
     from ..models import load_model
     from ..runs import prepare_out_dir
 
@@ -43,12 +44,19 @@ def run(args) -> int:
         raise UserError(f"--pairs-per-batch must be at least 1 (got {args.pairs_per_batch})")
     if len(set(args.dataset)) != len(args.dataset):
         raise UserError("a --dataset is given twice; for within-domain pairs give it once")
-    out = prepare_out_dir(args.out, args.overwrite, owned=OWNED)
-    lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
-    result = similarity_run(lm, args.dataset, args.pairs, args.seq_len, args.seed, args.split,
-                            args.data_dir, args.objective, args.pairs_per_batch, args.text_field,
-                            args.template, progress=not args.quiet)
-    write_outputs(result, out)
+    with launched(args.device) as (ctx, device):  # torchrun: pairs shared out, rank 0 writes
+        if ctx.is_main:
+            prepare_out_dir(args.out, args.overwrite, owned=OWNED)
+        barrier(ctx)
+        lm = load_model(args.model, device, args.dtype, args.trust_remote_code)
+        result = similarity_run(lm, args.dataset, args.pairs, args.seq_len, args.seed,
+                                args.split, args.data_dir, args.objective, args.pairs_per_batch,
+                                args.text_field, args.template,
+                                progress=not args.quiet and ctx.is_main)
+        if ctx.is_main:
+            result["world_size"] = ctx.world_size
+            write_outputs(result, args.out)
+        barrier(ctx)
     return 0
 
 
