@@ -177,3 +177,34 @@ def test_similarity_run_within_cross_and_all(tmp_path):
     assert saved["num_layers"] == 2
     assert set(saved["matrix_types"]) == {"q", "k", "v", "o", "gate", "up", "down"}
     assert (tmp_path / "run" / "similarity_boxes.png").exists()
+
+
+def test_similarity_end_to_end_smollm2(tmp_path, smollm2, data_dir):
+    """`actpat similarity` on SmolLM2 with local boolq x c4: each pair's per-layer similarity
+    equals the cosine of plain-autograd activations of the two samples, scored one at a time."""
+    from actpat.cli import main
+    from actpat.data import sample_sequences
+    from actpat.models import scored_matrices
+    from reference import autograd_activations
+
+    out = tmp_path / "run"
+    rc = main(["similarity", "--model", "smollm2-135m", "--dataset", "boolq", "--dataset", "c4",
+               "--pairs", "2", "--seq-len", "24", "--data-dir", str(data_dir), "--quiet",
+               "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "similarity.json").read_text())
+    (c,) = res["comparisons"]
+    assert c["kind"] == "cross" and c["datasets"] == ["boolq", "c4"]
+    assert res["num_layers"] == 30 and str(data_dir) in res["datasets"]["boolq"]["source"]
+    got = np.array(c["per_pair"])
+    assert got.shape == (2, 30) and (got > 0).all() and (got < 1).all()
+    seqs = {d: sample_sequences(smollm2.tokenizer, d, 2, 24, 0, None, str(data_dir)).sequences
+            for d in ("boolq", "c4")}
+    layer_of = {m.name: m.layer for m in scored_matrices(smollm2.model)}
+    a = autograd_activations(smollm2.model, [seqs["boolq"][0]])
+    b = autograd_activations(smollm2.model, [seqs["c4"][0]])
+    want = [cosine(torch.cat([a[n].flatten() for n in a if layer_of[n] == i]),
+                   torch.cat([b[n].flatten() for n in b if layer_of[n] == i]))
+            for i in range(30)]
+    np.testing.assert_allclose(got[0], want, rtol=0, atol=1e-5)
+    assert (out / "similarity_boxes.png").stat().st_size > 0
