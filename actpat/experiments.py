@@ -243,7 +243,9 @@ def run_plan(settings: Settings, out: str | Path, configs: list[Config],
     for i, cfg in enumerate(configs, 1):
         path = result_path(out, cfg)
         if path.exists():
-            results.append(json.loads(path.read_text()))
+            rec = json.loads(path.read_text())
+            _check_same_settings(rec.get("settings", {}), asdict(settings), path)
+            results.append(rec)
             log(f"[{i}/{len(configs)}] {cfg.name}: done before, skipped")
             continue
         rec = run_config(ctx, cfg)
@@ -254,6 +256,16 @@ def run_plan(settings: Settings, out: str | Path, configs: list[Config],
             for t, v in rec["eval"].items())
         log(f"[{i}/{len(configs)}] {cfg.name}: {summary} ({rec['wall_s']:.0f}s)")
     return results
+
+
+def _check_same_settings(saved: dict, now: dict, path: Path) -> None:
+    """A resumed run must not mix results made with other sizes or data into one table."""
+    ignore = {"progress", "device"}
+    diff = [k for k in now if k not in ignore and k in saved and saved[k] != now[k]]
+    if diff:
+        k = diff[0]
+        raise UserError(f"{path} was made with {k}={saved[k]!r}, this run asks {k}={now[k]!r}; "
+                        "use a new --out or the same settings")
 
 
 def load_results(out: str | Path) -> list[dict]:

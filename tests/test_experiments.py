@@ -69,6 +69,15 @@ def test_plan_runs_then_resumes_without_recomputing(tiny_run):
         assert third[1]["eval"][task]["ppl"] == pytest.approx(first[1]["eval"][task]["ppl"],
                                                               rel=1e-6)
 
+    # resuming with other sizes would mix two settings in one table: refused, nothing lost
+    from dataclasses import replace
+
+    from actpat.errors import UserError
+
+    with pytest.raises(UserError, match="windows=3"):
+        run_plan(replace(settings, windows=5), out, plan, log=logs.append)
+    assert result_path(out, plan[0]).exists()
+
 
 def test_plans_and_cli(tmp_path, capsys):
     names = [c.name for c in table1_configs()]
