@@ -255,7 +255,31 @@ def run_plan(settings: Settings, out: str | Path, configs: list[Config],
             f"{t} {v['ppl']:.2f}" if "ppl" in v else f"{t} {v['acc']:.3f}"
             for t, v in rec["eval"].items())
         log(f"[{i}/{len(configs)}] {cfg.name}: {summary} ({rec['wall_s']:.0f}s)")
+        write_summary(out)
+    if results:
+        write_summary(out)
     return results
+
+
+def write_summary(out: str | Path) -> None:
+    """The run directory's results so far, every configuration in it: ``OUT/results.json`` (the
+    records), ``OUT/table.md`` (``table_markdown``) and ``OUT/sparsities.png`` (S_i per layer
+    of each allocator, seed 0, one line per allocator and sparsity)."""
+    from .plots import plot_allocation
+
+    out = Path(out)
+    results = load_results(out)
+    write_json(out / "results.json", results)
+    (out / "table.md").write_text(table_markdown(results) + "\n")
+    curves = {}
+    for rec in results:
+        c = rec["config"]
+        alloc = (rec.get("allocation") or {}).get("sparsities")
+        if c["pruner"] and c["seed"] == 0 and c["pattern"] == "unstructured" and alloc:
+            curves.setdefault(f"{c['allocation']} {c['sparsity']:g}", alloc)
+    if curves:
+        plot_allocation(dict(sorted(curves.items(), key=lambda kv: kv[0].split()[::-1])),
+                        out / "sparsities.png", "Layer-wise sparsity S_i (calibration seed 0)")
 
 
 def _check_same_settings(saved: dict, now: dict, path: Path) -> None:

@@ -50,6 +50,11 @@ def test_plan_runs_then_resumes_without_recomputing(tiny_run):
     assert mag["prune"]["achieved_sparsity"] == pytest.approx(0.6, abs=0.01)
     assert (out / "counts-profile" / "profile.safetensors").exists()
 
+    # the run's summary: every record, the markdown table, the S_i plot
+    assert len(json.loads((out / "results.json").read_text())) == len(plan)
+    assert "| 0.5 | wanda | activation |" in (out / "table.md").read_text()
+    assert (out / "sparsities.png").stat().st_size > 0
+
     mtimes = {c.name: result_path(out, c).stat().st_mtime_ns for c in plan}
     logs.clear()
     second = run_plan(settings, out, plan, log=logs.append)
