@@ -189,18 +189,15 @@ class _Hooks:
         if w.device != grad.device:
             w = w.to(grad.device)
         w_abs = w.float().abs()
+        if m.transposed:  # GPT-2 Conv1D stores its weight (in, out): sinks get the stored layout
+            grad, w_abs = grad.transpose(1, 2), w_abs.t()
         sinks = [sink for sink in self.sinks if _wants(sink, m)]
         plain = [sink for sink in sinks if not hasattr(sink, "add_abs_grad")]
-        for sink in sinks:  # sinks that factor |W| out of their sums: before grad is reused
+        for sink in sinks:  # sinks that factor |W| out of their sums, before grad is overwritten
             if hasattr(sink, "add_abs_grad"):
-                if m.transposed:  # GPT-2 Conv1D stores its weight (in, out): stored layout
-                    sink.add_abs_grad(m, grad.transpose(1, 2), w_abs.t())
-                else:
-                    sink.add_abs_grad(m, grad, w_abs)
+                sink.add_abs_grad(m, grad, w_abs)
         if plain:
-            acts = grad.mul_(w_abs.unsqueeze(0))
-            if m.transposed:
-                acts = acts.transpose(1, 2)
+            acts = grad.mul_(w_abs.unsqueeze(0))  # A = |G_b| * |W|, in place
             for sink in plain:
                 sink.add(m, acts)
 
