@@ -237,7 +237,7 @@ def step_figure1(ctx: DemoContext) -> str | None:
                      **c.to_json()})
     write_json(ctx.out / "counts.json", rows)
     plot_layer_counts(rows, ctx.out / "figure1.png")
-    first, last = [], []
+    first = []
     for r in rows:
         share = [c / s for c, s in zip(r["layer_counts"], r["scored_per_layer"])]
         first.append(f"{r['dataset']} {share[0]:.3f}/{share[len(share) // 3]:.3f}/"

@@ -148,7 +148,7 @@ def _activation_counts(ctx: _Context, lm, calib):
     if ctx.counts is not None:
         return ctx.counts
     from .allocation import activation_counts
-    from .profile import PROFILE_FILE, Profile, compute_profile
+    from .profile import PROFILE_FILE, compute_profile
 
     s = ctx.settings
     if s.profile_dir:

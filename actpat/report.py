@@ -302,6 +302,29 @@ def profile_sections(arts: list[Artifact], gamma: float | None,
     return sections
 
 
+def _band_heatmaps(names: list[str], matrices: dict) -> bytes:
+    """One annotated dataset x dataset heatmap per band (title -> matrix), side by side."""
+    import numpy as np
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(matrices), figsize=(4.2 * len(matrices), 3.9), squeeze=False)
+    for ax, (title, m) in zip(axes[0], matrices.items()):
+        m = np.asarray(m, dtype=float)
+        im = ax.imshow(m, vmin=min(0.5, float(m.min())), vmax=1.0, cmap="viridis")
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_title(title, fontsize=9)
+        for i in range(len(names)):
+            for j in range(len(names)):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="w" if m[i, j] < 0.85 else "k")
+    fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
+    buf = io.BytesIO()  # not _fig_bytes: tight_layout does not handle the shared colorbar
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def _relatedness_sections(loaded) -> list[Section]:
     """Dataset x dataset similarity of mean profiles (paper Figure 6), per model with >= 2 runs."""
     from .similarity import dataset_similarity, relate_bands
@@ -317,24 +340,9 @@ def _relatedness_sections(loaded) -> list[Section]:
         names = _unique([str(p.meta.get("dataset") or a.path.name) for a, p in group])
         bands = relate_bands(profiles[0].num_layers)
         mat = dataset_similarity(profiles, names, bands)
-        plt = _plt()
-        fig, axes = plt.subplots(1, len(bands), figsize=(4.2 * len(bands), 3.9))
-        for ax, band in zip(axes, bands):
-            m = mat.band(band)
-            im = ax.imshow(m, vmin=min(0.5, float(m.min())), vmax=1.0, cmap="viridis")
-            ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-            ax.set_yticks(range(len(names)), names, fontsize=7)
-            s, e = bands[band]
-            ax.set_title(f"{band} layers [{s}, {e})", fontsize=9)
-            for i in range(len(names)):
-                for j in range(len(names)):
-                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                            color="w" if m[i, j] < 0.85 else "k")
-        fig.colorbar(im, ax=list(axes), shrink=0.8)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        body = [_png_tag(buf.getvalue(), "dataset relatedness heatmap")]
+        png = _band_heatmaps(names, {f"{b} layers [{s}, {e})": mat.band(b)
+                                     for b, (s, e) in bands.items()})
+        body = [_png_tag(png, "dataset relatedness heatmap")]
         deep = mat.band("deep")
         body.append("<p>Similarity of the datasets' mean activation maps, averaged over the deep "
                     f"layers [{bands['deep'][0]}, {bands['deep'][1]}):</p>")
@@ -359,20 +367,9 @@ def relate_sections(arts: list[Artifact]) -> list[Section]:
                  and v.get("matrix")}
         if not names or not bands:
             continue
-        plt = _plt()
-        fig, axes = plt.subplots(1, len(bands), figsize=(4.2 * len(bands), 3.9), squeeze=False)
-        for ax, (band, b) in zip(axes[0], bands.items()):
-            m = b["matrix"]
-            lo = min(min(r) for r in m)
-            ax.imshow(m, vmin=min(0.5, lo), vmax=1.0, cmap="viridis")
-            ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-            ax.set_yticks(range(len(names)), names, fontsize=7)
-            ax.set_title(f"{band} layers [{b.get('start')}, {b.get('end')})", fontsize=9)
-            for i in range(len(names)):
-                for j in range(len(names)):
-                    ax.text(j, i, f"{m[i][j]:.2f}", ha="center", va="center", fontsize=6,
-                            color="w" if m[i][j] < 0.85 else "k")
-        body = [_png_tag(_fig_bytes(fig), "dataset relatedness heatmap")]
+        png = _band_heatmaps(names, {f"{band} layers [{b.get('start')}, {b.get('end')})":
+                                     b["matrix"] for band, b in bands.items()})
+        body = [_png_tag(png, "dataset relatedness heatmap")]
         ref = d.get("reference")
         rows = [[band, ", ".join(f"{n} {_num(v, 3)}" for n, v in ranking)]
                 for band, ranking in (d.get("ranking") or {}).items()]
@@ -746,7 +743,6 @@ def experiment_sections(arts: list[Artifact]) -> list[Section]:
                     columns.append((task, m))
                 values[(task, m)] = v
             c = d["config"]
-            calib = d.get("calibration") or {}
             rows.append(([d.get("name", a.path.stem), c.get("pruner") or "dense",
                           c.get("allocation") if c.get("pruner") else "",
                           c.get("sparsity"), c.get("pattern") if c.get("pruner") else "",
