@@ -236,28 +236,35 @@ def run_plan(settings: Settings, out: str | Path, configs: list[Config],
     import json
 
     out = Path(out)
+    finished = {}
+    for c in configs:  # checked before anything is written
+        if result_path(out, c).exists():
+            finished[c.name] = json.loads(result_path(out, c).read_text())
+            _check_same_settings(finished[c.name].get("settings", {}), asdict(settings),
+                                 result_path(out, c))
     (out / CONFIG_DIR).mkdir(parents=True, exist_ok=True)
     write_json(out / "settings.json", asdict(settings))
     ctx = _Context(settings, out)
     results = []
+    ran = False
     for i, cfg in enumerate(configs, 1):
         path = result_path(out, cfg)
-        if path.exists():
-            rec = json.loads(path.read_text())
-            _check_same_settings(rec.get("settings", {}), asdict(settings), path)
+        if cfg.name in finished:
+            rec = finished[cfg.name]
             results.append(rec)
             log(f"[{i}/{len(configs)}] {cfg.name}: done before, skipped")
             continue
         rec = run_config(ctx, cfg)
+        ran = True
         write_json(path, rec)
         results.append(rec)
         summary = ", ".join(
             f"{t} {v['ppl']:.2f}" if "ppl" in v else f"{t} {v['acc']:.3f}"
             for t, v in rec["eval"].items())
         log(f"[{i}/{len(configs)}] {cfg.name}: {summary} ({rec['wall_s']:.0f}s)")
-        write_summary(out)
-    if results:
-        write_summary(out)
+        write_summary(out)  # after each finished configuration: the table so far
+    if results and not ran:
+        write_summary(out)  # nothing new was run: the summary of what is there
     return results
 
 

@@ -82,6 +82,7 @@ def test_plan_runs_then_resumes_without_recomputing(tiny_run):
     with pytest.raises(UserError, match="windows=3"):
         run_plan(replace(settings, windows=5), out, plan, log=logs.append)
     assert result_path(out, plan[0]).exists()
+    assert json.loads((out / "settings.json").read_text())["windows"] == 3
 
 
 def test_plans_and_cli(tmp_path, capsys):

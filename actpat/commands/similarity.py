@@ -34,9 +34,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..distributed import barrier, launched
-    from ..models import load_model
-    from ..runs import prepare_out_dir
+    from ..runs import run_pairs_command
 
     if args.pairs <= 0:
         raise UserError(f"--pairs must be at least 1 (got {args.pairs})")
@@ -44,20 +42,12 @@ def run(args) -> int:
         raise UserError(f"--pairs-per-batch must be at least 1 (got {args.pairs_per_batch})")
     if len(set(args.dataset)) != len(args.dataset):
         raise UserError("a --dataset is given twice; for within-domain pairs give it once")
-    with launched(args.device) as (ctx, device):  # torchrun: pairs shared out, rank 0 writes
-        if ctx.is_main:
-            prepare_out_dir(args.out, args.overwrite, owned=OWNED)
-        barrier(ctx)
-        lm = load_model(args.model, device, args.dtype, args.trust_remote_code)
-        result = similarity_run(lm, args.dataset, args.pairs, args.seq_len, args.seed,
-                                args.split, args.data_dir, args.objective, args.pairs_per_batch,
-                                args.text_field, args.template,
-                                progress=not args.quiet and ctx.is_main)
-        if ctx.is_main:
-            result["world_size"] = ctx.world_size
-            write_outputs(result, args.out)
-        barrier(ctx)
-    return 0
+    return run_pairs_command(
+        args, OWNED, lambda lm, progress: similarity_run(
+            lm, args.dataset, args.pairs, args.seq_len, args.seed, args.split, args.data_dir,
+            args.objective, args.pairs_per_batch, args.text_field, args.template,
+            progress=progress),
+        write_outputs)
 
 
 def similarity_run(lm, datasets: list[str], pairs: int, seq_len: int, seed: int = 0,

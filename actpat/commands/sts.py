@@ -41,9 +41,7 @@ def parse_pair_fields(text: str | None) -> tuple[str, str, str] | None:
 
 
 def run(args) -> int:
-    from ..distributed import barrier, launched
-    from ..models import load_model
-    from ..runs import prepare_out_dir
+    from ..runs import run_pairs_command
     from ..sts import load_pairs
 
     fields = parse_pair_fields(args.pair_fields)
@@ -55,18 +53,11 @@ def run(args) -> int:
         raise UserError("--max-tokens and --pairs-per-batch must be at least 1")
     pairs = load_pairs(args.dataset, args.samples or None, args.seed, args.split, args.data_dir,
                        fields)
-    with launched(args.device) as (ctx, device):  # torchrun: pairs shared out, rank 0 writes
-        if ctx.is_main:
-            prepare_out_dir(args.out, args.overwrite, owned=OWNED)
-        barrier(ctx)
-        lm = load_model(args.model, device, args.dtype, args.trust_remote_code)
-        result = sts_run(lm, pairs, args.max_tokens, args.pairs_per_batch, args.objective,
-                         args.bootstrap, args.seed, progress=not args.quiet and ctx.is_main)
-        if ctx.is_main:
-            result["world_size"] = ctx.world_size
-            write_outputs(result, args.out)
-        barrier(ctx)
-    return 0
+    return run_pairs_command(
+        args, OWNED, lambda lm, progress: sts_run(
+            lm, pairs, args.max_tokens, args.pairs_per_batch, args.objective, args.bootstrap,
+            args.seed, progress=progress),
+        write_outputs)
 
 
 def sts_run(lm, pairs, max_tokens: int = 128, pairs_per_batch: int = 8,
