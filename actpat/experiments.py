@@ -135,12 +135,14 @@ def _load(settings: Settings):
 
 
 def _calibration(lm, settings: Settings, cfg: Config):
-    from .calibration import calibration_sequences
+    from .calibration import DEFAULT_EXCLUDE_FIRST, calibration_sequences
 
     split = CALIBRATION_SPLITS.get(cfg.calibration)  # never the evaluated split of a corpus
+    # QA sets: the evaluated items (the first zero_shot_limit) never calibrate
+    held_out = max(DEFAULT_EXCLUDE_FIRST, settings.zero_shot_limit)
     return calibration_sequences(lm.tokenizer, cfg.calibration, settings.calib_samples,
                                  settings.calib_seq_len, cfg.seed, split=split,
-                                 data_dir=settings.data_dir)
+                                 data_dir=settings.data_dir, exclude_first=held_out)
 
 
 def _activation_counts(ctx: _Context, lm, calib):
@@ -318,6 +320,22 @@ def reproduce_calibration(settings: Settings, out: str | Path,
                           configs: list[Config] | None = None, log=print) -> list[dict]:
     """Validation 2: see ``calibration_configs``."""
     return run_plan(settings, out, configs if configs is not None else calibration_configs(), log)
+
+
+def write_calibration_summary(out: str | Path, configs: list[Config],
+                              relatedness: dict | None = None) -> dict:
+    """Validation 2's verdict numbers for the finished ``configs`` of a calibration plan, for
+    acc and acc_norm (``findings.calibration_specificity``), written to ``OUT/calibration.json``."""
+    import json
+
+    from .findings import calibration_specificity
+
+    records = [json.loads(result_path(out, c).read_text()) for c in configs
+               if result_path(out, c).exists()]
+    spec = {"kind": "actpat-calibration"}
+    spec.update({m: calibration_specificity(records, m, relatedness) for m in ("acc", "acc_norm")})
+    write_json(Path(out) / "calibration.json", spec)
+    return spec
 
 
 def with_settings(settings: Settings, **changes) -> Settings:

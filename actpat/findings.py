@@ -1,4 +1,5 @@
-"""Checks of the paper's Finding 1 on computed counts (METHOD.md section 6).
+"""Checks of the paper's claims on computed results: Finding 1 on activation counts (METHOD.md
+section 6) and validation 2, calibration specificity, on pruning results (section 5).
 
 Finding 1: for same-domain inputs, shallow layers (except the first) are activated densely, deep
 layers and the first layer sparsely; general corpora (C4, WikiText-2) keep more activation in
@@ -48,3 +49,84 @@ def finding1(results: list[dict]) -> dict:
         verdict["general_keeps_more_deep_activation"] = verdict["general_deep_share_minus_domain"] > 0
     return {"bands": {k: [v.start, v.stop - 1] for k, v in b.items()},
             "per_dataset": per_dataset, "verdict": verdict}
+
+
+def calibration_specificity(results: list[dict], metric: str = "acc",
+                            relatedness: dict | None = None) -> dict:
+    """Validation 2: does pruning calibrated on dataset X keep task X (and related tasks) best?
+
+    ``results``: ``actpat reproduce calibration`` records (same pruner and sparsity, one per
+    calibration set, each evaluated zero-shot); dense records are used as the reference.
+    ``relatedness``: an ``actpat relate`` JSON; each of its bands' matrices gives r(X, T).
+
+    Returns the accuracy matrix ``acc[X][T]``, its standard errors, and for every task that is
+    also a calibration set the *own-set* check: the rank of ``acc[T][T]`` among ``acc[*][T]``
+    (1 = best; ties share the better rank) and its margin over the best other set, in standard
+    errors. With ``relatedness``: the Spearman correlation, over all (X, T) pairs present in
+    both, between r(X, T) and ``acc[X][T]`` minus task T's mean over calibration sets (so task
+    difficulty does not count), with and without the own-set pairs (r = 1), per layer band.
+    """
+    import math
+
+    acc, n, dense = {}, {}, {}
+    for rec in results:
+        ev, c = rec["eval"], rec["config"]
+        row = {t: v[metric] for t, v in ev.items() if metric in v}
+        if not row:
+            continue
+        if c["pruner"] is None:
+            dense.update(row)
+        else:
+            acc[c["calibration"]] = row
+        n.update({t: v.get("n") for t, v in ev.items() if metric in v})
+    tasks = sorted({t for row in acc.values() for t in row})
+    se = {}  # binomial standard error of one accuracy, at the task's mean accuracy
+    for t in tasks:
+        p = _mean(row[t] for row in acc.values() if t in row)
+        if n.get(t):
+            se[t] = math.sqrt(p * (1 - p) / n[t])
+    own = {}
+    for t in tasks:
+        if t not in acc or t not in acc[t]:
+            continue
+        others = [acc[x][t] for x in acc if x != t and t in acc[x]]
+        if not others:
+            continue
+        margin = acc[t][t] - max(others)
+        own[t] = {"acc": acc[t][t], "rank": 1 + sum(o > acc[t][t] for o in others),
+                  "of": 1 + len(others), "best_other": max(others), "margin": margin,
+                  "margin_se": margin / se[t] if se.get(t) else None}
+    out = {"metric": metric, "tasks": tasks, "calibrations": sorted(acc), "acc": acc,
+           "dense": dense, "n": {t: n[t] for t in tasks}, "se": se, "own": own,
+           "own_best": sum(v["rank"] == 1 for v in own.values()),
+           "own_best_by_1se": sum(v["rank"] == 1 and (v["margin_se"] or 0) > 1
+                                  for v in own.values())}
+    if relatedness is not None:
+        out["relatedness"] = {band: _relatedness_correlation(acc, relatedness, band)
+                              for band in relatedness["bands"]}
+    return out
+
+
+def _relatedness_correlation(acc: dict, relate: dict, band: str) -> dict:
+    from scipy.stats import spearmanr
+
+    names = relate["datasets"]
+    matrix = relate["bands"][band]["matrix"]
+    pairs = []  # (calibration, task, relatedness, accuracy minus the task's mean)
+    for t in {t for row in acc.values() for t in row}:
+        xs = [x for x in acc if t in acc[x] and x in names]
+        if t not in names or len(xs) < 2:
+            continue
+        mean = _mean(acc[x][t] for x in xs)
+        pairs += [(x, t, matrix[names.index(x)][names.index(t)], acc[x][t] - mean) for x in xs]
+
+    def rho(ps):
+        if len(ps) < 3:
+            return None
+        r = spearmanr([p[2] for p in ps], [p[3] for p in ps]).statistic
+        return None if r != r else float(r)  # NaN (constant input) -> None
+
+    off = [p for p in pairs if p[0] != p[1]]
+    return {"pairs": [list(p) for p in sorted(pairs)],
+            "spearman": rho(pairs), "spearman_without_own": rho(off),
+            "n_pairs": len(pairs), "n_pairs_without_own": len(off)}

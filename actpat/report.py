@@ -56,7 +56,8 @@ MAX_DEPTH = 4
 class Artifact:
     """One result found on disk: its kind, where it is, and its parsed content."""
 
-    kind: str  # profile | similarity | sts | allocation | prune | eval | counts | relate | figure
+    kind: str  # profile | similarity | sts | allocation | prune | eval | counts | relate |
+    #            calibration | figure
     path: Path
     data: object = None
     group: str | None = None  # experiments: the table it belongs to
@@ -126,7 +127,8 @@ def classify_json(name: str, data) -> str | None:
     if not isinstance(data, dict):
         return None
     kind = str(data.get("kind", ""))
-    for k in ("similarity", "sts", "allocation", "prune", "eval", "relate", "counts"):
+    for k in ("similarity", "sts", "allocation", "prune", "eval", "relate", "counts",
+              "calibration"):
         if kind in (f"actpat-{k}", k):
             return k
     if kind in ("actpat-pruning", "pruning"):
@@ -771,6 +773,44 @@ def experiment_sections(arts: list[Artifact]) -> list[Section]:
     return out
 
 
+def calibration_sections(arts: list[Artifact]) -> list[Section]:
+    """Validation 2 (``OUT/calibration.json``): accuracy per calibration set and task, the
+    own-set check and, when computed, the correlation with dataset relatedness."""
+    out = []
+    for a in arts:
+        parts = []
+        for metric in ("acc", "acc_norm"):
+            spec = a.data.get(metric)
+            if not spec:
+                continue
+            tasks = spec["tasks"]
+            rows = [[x] + [_Raw(f"<b>{_num(spec['acc'][x].get(t))}</b>") if x == t
+                           else spec["acc"][x].get(t) for t in tasks]
+                    for x in spec["calibrations"]]
+            rows.append(["dense"] + [spec["dense"].get(t) for t in tasks])
+            rows.append(["standard error"] + [spec["se"].get(t) for t in tasks])
+            parts.append(f"<h3>{_esc(metric)} (rows: calibration set; bold: its own task)</h3>"
+                         + _table(["calibration"] + tasks, rows))
+            own = spec["own"]
+            parts.append(f"<p>The own calibration set gives the best {_esc(metric)} on "
+                         f"{spec['own_best']} of {len(own)} tasks, by more than one standard "
+                         f"error on {spec['own_best_by_1se']}.</p>" + _table(
+                             ["task", "own-set acc", "rank", "best other", "margin (SE)"],
+                             [[t, v["acc"], f"{v['rank']} of {v['of']}", v["best_other"],
+                               v["margin_se"]] for t, v in own.items()]))
+            rel = spec.get("relatedness") or {}
+            if rel:
+                parts.append("<p>Spearman correlation between relatedness r(calibration, task) "
+                             "and accuracy minus the task's mean:</p>" + _table(
+                                 ["band", "rho (all pairs)", "rho (without own set)", "pairs"],
+                                 [[b, v["spearman"], v["spearman_without_own"], v["n_pairs"]]
+                                  for b, v in rel.items()]))
+        sid = "calibration" if not out else f"calibration-{len(out)}"
+        out.append(Section(sid, f"Calibration specificity ({a.path.parent.name})",
+                           "".join(parts), [str(a.path)]))
+    return out
+
+
 def _get(d, key):
     return d.get(key) if isinstance(d, dict) else None
 
@@ -806,7 +846,7 @@ def build_sections(paths: Iterable[str | Path], gamma: float | None = None,
     arts, notes = find_artifacts(paths)
     by = {k: [a for a in arts if a.kind == k] for k in
           ("profile", "counts", "similarity", "relate", "sts", "allocation", "prune", "eval",
-           "experiment", "figure")}
+           "experiment", "calibration", "figure")}
     sections = []
     sections += profile_sections(by["profile"], gamma, None if gamma is not None else
                                  gamma_quantile)
@@ -820,7 +860,8 @@ def build_sections(paths: Iterable[str | Path], gamma: float | None = None,
     for fn, kind in ((similarity_sections, "similarity"), (sts_sections, "sts"),
                      (lambda x: allocation_sections(x, by["prune"]), "allocation"),
                      (prune_sections, "prune"),
-                     (eval_sections, "eval"), (experiment_sections, "experiment"), (figure_sections, "figure")):
+                     (eval_sections, "eval"), (experiment_sections, "experiment"),
+                     (calibration_sections, "calibration"), (figure_sections, "figure")):
         try:
             sections += fn(by[kind])
         except (KeyError, TypeError, ValueError, IndexError) as e:  # an unexpected layout

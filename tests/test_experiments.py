@@ -113,3 +113,56 @@ def test_reproduce_fig1_profiles_counts_plot_and_resumes(tmp_path):
     assert (out / "fig1.png").stat().st_size > 0
     shutil.rmtree(model)  # finished profiles are reused: the model is not loaded again
     assert main(argv) == 0
+
+
+def test_reproduce_calibration_end_to_end_writes_the_specificity_summary(tmp_path, data_dir,
+                                                                         capsys):
+    """Validation 2 on a tiny model and the real local data: two calibration sets, all five
+    tasks, then OUT/calibration.json with the own-set check and the relatedness correlation."""
+    out = tmp_path / "cal"
+    relate = tmp_path / "relate.json"
+    names = ["c4", "siqa", "boolq", "piqa", "hellaswag", "mmlu"]
+    relate.write_text(json.dumps({"datasets": names, "bands": {"all": {"matrix": [
+        [1.0 if i == j else 0.5 for j in range(6)] for i in range(6)]}}}))
+    argv = ["reproduce", "calibration", "--model", save_tiny_lm(tmp_path / "m", context=4096), "--out",
+            str(out), "--datasets", "siqa,c4", "--zero-shot-limit", "2",
+            "--calibration-samples", "2", "--calibration-seq-len", "16", "--data-dir", data_dir,
+            "--device", "cpu", "--quiet", "--relate", str(relate)]
+    assert main(argv) == 0
+    assert "own calibration set gives the best acc on" in capsys.readouterr().out
+    recs = {p.stem: json.loads(p.read_text()) for p in (out / "configs").glob("*.json")}
+    assert set(recs) == {"dense-zs", "wanda-uniform-0.5-siqa-s0-zs", "wanda-uniform-0.5-c4-s0-zs"}
+    siqa = recs["wanda-uniform-0.5-siqa-s0-zs"]
+    assert "siqa/validation.jsonl (rows >= 200" in siqa["calibration"]["source"]
+    assert siqa["eval"]["siqa"]["n"] == 2
+    spec = json.loads((out / "calibration.json").read_text())
+    assert set(spec) == {"kind", "acc", "acc_norm"}
+    acc = spec["acc"]
+    assert acc["calibrations"] == ["c4", "siqa"] and len(acc["tasks"]) == 5
+    want = siqa["eval"]["siqa"]["acc"]
+    assert acc["acc"]["siqa"]["siqa"] == want and acc["own"]["siqa"]["acc"] == want
+    assert acc["own"]["siqa"]["of"] == 2
+    # relatedness pairs: every (calibration, task) with both in the matrix; piqa included here
+    assert acc["relatedness"]["all"]["n_pairs"] == 2 * 5
+    # the HTML report shows it
+    assert main(["report", str(out), "--out", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "Calibration specificity (cal)" in page and "rho (without own set)" in page
+    # a bad --relate file is refused before any work, exit 2
+    relate.write_text("[1, 2]")
+    assert main(argv[:-1] + [str(relate)]) == 2
+    assert "not a relatedness JSON" in capsys.readouterr().err
+
+
+def test_qa_calibration_never_uses_the_evaluated_items(data_dir):
+    from types import SimpleNamespace
+
+    from tinylm import char_tokenizer
+
+    from actpat.experiments import _calibration
+
+    lm = SimpleNamespace(tokenizer=char_tokenizer())
+    for limit, first in ((50, 200), (300, 300)):
+        s = Settings(data_dir=data_dir, zero_shot_limit=limit, calib_samples=2, calib_seq_len=16)
+        calib = _calibration(lm, s, Config("wanda", calibration="siqa", evals=("siqa",)))
+        assert f"rows >= {first}," in calib.source

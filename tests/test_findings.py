@@ -1,3 +1,5 @@
+import math
+
 from actpat.findings import bands, finding1
 
 
@@ -26,3 +28,49 @@ def test_finding1_on_a_pattern_that_follows_the_paper_and_one_that_does_not():
     assert v["general_keeps_more_deep_activation"] is False  # 'odd' is very dense in deep layers
     out = finding1([_entry("boolq", paper_like), _entry("c4", general)])
     assert out["verdict"]["general_keeps_more_deep_activation"] is True
+
+
+def _calib(calibration, accs, pruner="wanda", n=100):
+    return {"config": {"pruner": pruner, "calibration": calibration},
+            "eval": {t: {"acc": a, "n": n} for t, a in accs.items()}}
+
+
+def _relate(names, matrix):
+    return {"datasets": names, "bands": {"all": {"matrix": matrix}}}
+
+
+def test_calibration_specificity_own_set_rank_margin_and_relatedness():
+    from actpat.findings import calibration_specificity
+
+    results = [
+        _calib(None, {"a": 0.9, "b": 0.9}, pruner=None),
+        _calib("a", {"a": 0.60, "b": 0.40}),  # a helps a most
+        _calib("b", {"a": 0.50, "b": 0.42}),  # b helps b most, by 0.02
+        _calib("c", {"a": 0.55, "b": 0.30}),  # c: no task of its own
+    ]
+    out = calibration_specificity(results)
+    assert out["calibrations"] == ["a", "b", "c"] and out["tasks"] == ["a", "b"]
+    assert out["dense"] == {"a": 0.9, "b": 0.9}
+    own = out["own"]
+    assert own["a"]["rank"] == 1 and own["a"]["of"] == 3
+    assert abs(own["a"]["margin"] - 0.05) < 1e-12
+    p = (0.60 + 0.50 + 0.55) / 3
+    assert abs(out["se"]["a"] - math.sqrt(p * (1 - p) / 100)) < 1e-12
+    assert abs(own["a"]["margin_se"] - 0.05 / out["se"]["a"]) < 1e-12
+    assert own["b"]["rank"] == 1 and abs(own["b"]["margin"] - 0.02) < 1e-12
+    assert out["own_best"] == 2 and out["own_best_by_1se"] == 1  # 0.02 < one SE (about 0.048)
+    # a set that loses on its own task gets a worse rank
+    worse = calibration_specificity(results[:3] + [_calib("c", {"a": 0.7, "b": 0.5})])
+    assert worse["own"]["a"]["rank"] == 2 and worse["own"]["b"]["rank"] == 2
+    assert worse["own_best"] == 0
+
+    # relatedness: accuracy (centred per task) rises with r(X, T) -> rho = 1
+    rel = _relate(["a", "b", "c"], [[1.0, 0.5, 0.8], [0.5, 1.0, 0.2], [0.8, 0.2, 1.0]])
+    r = calibration_specificity(results, relatedness=rel)["relatedness"]["all"]
+    assert r["n_pairs"] == 6 and r["n_pairs_without_own"] == 4
+    # task a: r = (1, .5, .8) for acc (.60, .50, .55); task b: r = (.5, 1, .2) for (.40, .42, .30)
+    from scipy.stats import spearmanr
+    xs = [1.0, 0.5, 0.8, 0.5, 1.0, 0.2]
+    ys = [0.60 - p, 0.50 - p, 0.55 - p] + [0.40 - 0.3733333, 0.42 - 0.3733333, 0.30 - 0.3733333]
+    assert abs(r["spearman"] - spearmanr(xs, ys).statistic) < 1e-9
+    assert r["spearman_without_own"] is not None

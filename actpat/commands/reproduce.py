@@ -43,6 +43,9 @@ def add_arguments(p) -> None:
                    help="share of weights counted as activated (default 0.1)")
     g.add_argument("--only", default=None,
                    help="comma-separated configuration names (see --plan) to run, in that order")
+    g.add_argument("--relate", default=None, metavar="FILE",
+                   help="calibration: a relatedness JSON (`actpat relate --json`) to correlate "
+                        "accuracy with dataset relatedness in OUT/calibration.json")
     g.add_argument("--no-zero-shot", action="store_true", help="table1: perplexity rows only")
     g.add_argument("--plan", action="store_true", help="print the configurations and exit")
     p.add_argument("--batch-size", type=int, default=4)
@@ -100,7 +103,7 @@ def run(args) -> int:
 
 def _pruning(args) -> int:
     from ..experiments import (Settings, calibration_configs, reproduce_calibration,
-                               reproduce_table1, table1_configs)
+                               reproduce_table1, table1_configs, write_calibration_summary)
 
     for name in ("windows", "zero_shot_limit", "calibration_samples", "profile_samples",
                  "batch_size"):
@@ -133,10 +136,33 @@ def _pruning(args) -> int:
         for c in plan:
             print(f"{c.name:<44} evals: {','.join(c.evals)}")
         return 0
+    relate = _relatedness(args.relate) if args.experiment == "calibration" else None
     run = reproduce_table1 if args.experiment == "table1" else reproduce_calibration
     run(settings, args.out, plan)
     print(f"results: {args.out}/configs/*.json")
+    if args.experiment == "calibration":
+        spec = write_calibration_summary(args.out, plan, relate)["acc"]
+        print(f"own calibration set gives the best acc on {spec['own_best']} of "
+              f"{len(spec['own'])} tasks ({spec['own_best_by_1se']} by more than one standard "
+              f"error): {args.out}/calibration.json")
     return 0
+
+
+def _relatedness(path: str | None) -> dict | None:
+    """The relatedness JSON for ``--relate``, checked before any pruning starts."""
+    import json
+
+    if path is None:
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--relate {path}: cannot read it as JSON ({e.__class__.__name__}); "
+                        "pass the file `actpat relate --json` wrote") from None
+    if not isinstance(data, dict) or "bands" not in data or "datasets" not in data:
+        raise UserError(f"--relate {path} is not a relatedness JSON (no 'bands'/'datasets'); "
+                        "pass the file `actpat relate --json` wrote")
+    return data
 
 
 def _fig1(args) -> int:
