@@ -335,7 +335,42 @@ def write_calibration_summary(out: str | Path, configs: list[Config],
     spec = {"kind": "actpat-calibration"}
     spec.update({m: calibration_specificity(records, m, relatedness) for m in ("acc", "acc_norm")})
     write_json(Path(out) / "calibration.json", spec)
+    (Path(out) / "calibration.md").write_text(calibration_markdown(spec) + "\n")
     return spec
+
+
+def calibration_markdown(spec: dict) -> str:
+    """``OUT/calibration.md``: per metric, accuracy by calibration set (rows) and task
+    (columns), the own task in bold, then the own-set verdict and the relatedness correlation."""
+    lines = []
+    for metric in ("acc", "acc_norm"):
+        m = spec.get(metric)
+        if not m or not m["tasks"]:
+            continue
+        tasks = m["tasks"]
+        lines += [f"{metric}, calibration set (rows) x task (columns); bold = the set's own task:",
+                  "", "| calibration | " + " | ".join(tasks) + " |",
+                  "|---|" + "---|" * len(tasks)]
+        for x in m["calibrations"]:
+            cells = [("**{:.3f}**" if x == t else "{:.3f}").format(m["acc"][x][t])
+                     if t in m["acc"][x] else "–" for t in tasks]
+            lines.append(f"| {x} | " + " | ".join(cells) + " |")
+        for label, row in (("dense", m["dense"]), ("standard error", m["se"])):
+            lines.append(f"| {label} | " + " | ".join(
+                f"{row[t]:.3f}" if t in row else "–" for t in tasks) + " |")
+        lines += ["", f"Own calibration set best on {m['own_best']} of {len(m['own'])} tasks "
+                  f"({m['own_best_by_1se']} by more than one standard error):", ""]
+        lines += [f"- {t}: {v['acc']:.3f}, rank {v['rank']} of {v['of']}, best other "
+                  f"{v['best_other']:.3f}, margin {v['margin']:+.3f}"
+                  + (f" ({v['margin_se']:+.1f} SE)" if v["margin_se"] is not None else "")
+                  for t, v in m["own"].items()]
+        for band, r in (m.get("relatedness") or {}).items():
+            fmt = lambda x: "n/a" if x is None else f"{x:+.2f}"  # noqa: E731
+            lines.append(f"- relatedness ({band} layers) vs accuracy, Spearman: "
+                         f"{fmt(r['spearman'])} over {r['n_pairs']} pairs, "
+                         f"{fmt(r['spearman_without_own'])} without the own-set pairs")
+        lines.append("")
+    return "\n".join(lines).rstrip()
 
 
 def with_settings(settings: Settings, **changes) -> Settings:
