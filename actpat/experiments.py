@@ -6,9 +6,10 @@ evaluations to run on the pruned model. Each finished configuration is written a
 ``<out>/configs/<name>.json`` (atomic write); a configuration whose JSON exists is skipped, so a
 killed run resumes where it stopped. Every configuration starts from a fresh copy of the model.
 
-Activation allocation: the counts N_i come from a profile of the calibration corpus (paper: C4),
-either ``Settings.profile_dir`` or computed once on the seed-0 calibration windows and saved in
-``<out>/counts-profile``; gamma is a quantile (``Settings.gamma_quantile``) and is recorded.
+Activation allocation: the counts N_i come from a profile of C4 (the paper's calibration corpus),
+either ``Settings.profile_dir`` or computed once on the seed-0 C4 calibration windows (whatever
+the seed of the row that first needs them) and saved in ``<out>/counts-profile``; gamma is a
+quantile (``Settings.gamma_quantile``) and is recorded.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ ZERO_SHOT = ("boolq", "piqa", "siqa", "hellaswag", "mmlu")
 # Calibration split per dataset: C4 train (perplexity uses validation). QA sets use their only
 # local split, rows after the first 200 (actpat.calibration), so evaluated items never calibrate.
 CALIBRATION_SPLITS = {"c4": "train"}
+COUNTS_CALIBRATION = "c4"  # the activation allocation's counts: a profile of C4 (the paper)
 
 
 @dataclass
@@ -145,8 +147,10 @@ def _calibration(lm, settings: Settings, cfg: Config):
                                  data_dir=settings.data_dir, exclude_first=held_out)
 
 
-def _activation_counts(ctx: _Context, lm, calib):
-    """Counts from ``settings.profile_dir``, else from a profile saved under the run dir."""
+def _activation_counts(ctx: _Context, lm):
+    """Counts from ``settings.profile_dir``, else from a profile saved under the run dir, made
+    from the seed-0 C4 calibration windows whatever the configuration's own seed or calibration
+    set (so every activation row of a run shares the same N_i, in whatever order rows run)."""
     if ctx.counts is not None:
         return ctx.counts
     from .allocation import activation_counts
@@ -159,9 +163,11 @@ def _activation_counts(ctx: _Context, lm, calib):
         return ctx.counts
     run = ctx.out / COUNTS_PROFILE
     if not (run / PROFILE_FILE).exists():
+        calib = _calibration(lm, s, Config("wanda", calibration=COUNTS_CALIBRATION, seed=0))
         seqs = calib.sequences[: s.profile_samples]
-        meta = {"model": lm.identity, "dataset": "c4", "split": "train",
-                "data_source": calib.source, "seq_len": s.calib_seq_len, "seed": 0,
+        meta = {"model": lm.identity, "dataset": COUNTS_CALIBRATION,
+                "split": CALIBRATION_SPLITS[COUNTS_CALIBRATION], "data_source": calib.source,
+                "seq_len": s.calib_seq_len, "seed": 0, "sample_indices": calib.indices,
                 "purpose": "activation counts for the activation allocation"}
         compute_profile(lm, seqs, s.batch_size, meta=meta, progress=s.progress).save(run)
     ctx.counts = activation_counts(profile_dir=str(run), lm=lm, gamma_quantile=s.gamma_quantile)
@@ -179,7 +185,7 @@ def layer_sparsities(ctx: _Context, lm, cfg: Config, calib) -> tuple[list[float]
     info: dict = {"method": cfg.allocation}
     kwargs: dict = {"model": lm.model}
     if cfg.allocation == "activation":
-        counts, source = _activation_counts(ctx, lm, calib)
+        counts, source = _activation_counts(ctx, lm)
         kwargs["counts"] = counts.layer_counts
         info["counts"] = source
     if cfg.allocation == "owl":

@@ -168,3 +168,19 @@ def test_qa_calibration_never_uses_the_evaluated_items(data_dir):
         s = Settings(data_dir=data_dir, zero_shot_limit=limit, calib_samples=2, calib_seq_len=16)
         calib = _calibration(lm, s, Config("wanda", calibration="siqa", evals=("siqa",)))
         assert f"rows >= {first}," in calib.source
+
+
+def test_activation_counts_come_from_seed_0_whatever_row_runs_first(tiny_run):
+    """The counts profile is made from the seed-0 C4 windows even when the first activation
+    row of a run has another calibration seed, so every activation row shares one N_i."""
+    settings, _, out = tiny_run
+    first_seed1 = run_plan(settings, out / "a", [Config("wanda", "activation", 0.5, seed=1)],
+                           log=lambda _: None)[0]
+    first_seed0 = run_plan(settings, out / "b", [Config("wanda", "activation", 0.5, seed=0)],
+                           log=lambda _: None)[0]
+    assert first_seed1["allocation"]["counts"]["counts"] == \
+        first_seed0["allocation"]["counts"]["counts"]
+    assert first_seed1["allocation"]["sparsities"] == first_seed0["allocation"]["sparsities"]
+    meta = [json.loads((out / d / "counts-profile" / "summary.json").read_text()) for d in "ab"]
+    assert meta[0]["sample_indices"] == meta[1]["sample_indices"] and meta[0]["seed"] == 0
+    assert first_seed1["calibration"]["seed"] == 1  # the pruning itself used its own seed
