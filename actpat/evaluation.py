@@ -140,8 +140,11 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None,
               log_samples: bool = False) -> dict:
     """acc / acc_norm of each task through lm-eval's ``HFLM`` on the in-memory model.
 
-    With ``log_samples`` each task's entry also holds ``samples``: lm-eval's per-item records
-    (arguments, log-likelihoods, acc) for checking.
+    Each task's entry also holds ``pred_share`` and ``gold_share``: the share of items whose
+    acc-prediction (highest log-likelihood) and whose gold answer is choice 0, 1, ... (a model
+    that always answers "yes" on BoolQ shows up as a ``pred_share`` near [0, 1]). With
+    ``log_samples`` it also holds ``samples``: lm-eval's per-item records (arguments,
+    log-likelihoods, acc) for checking.
     """
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1 (got {limit})")
@@ -167,7 +170,7 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None,
         # our configs are self-contained: skip indexing lm-eval's thousands of built-in YAMLs
         manager = TaskManager(include_defaults=False)
         res = lm_eval.simple_evaluate(model=lm, tasks=list(configs.values()), limit=limit,
-                                      bootstrap_iters=0, log_samples=log_samples,
+                                      bootstrap_iters=0, log_samples=True,
                                       verbosity="ERROR", task_manager=manager)
     except AssertionError:  # lm-eval's check that a continuation fits the model's context
         context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -186,13 +189,28 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None,
         r = res["results"][key]
         n = int(res["n-samples"][key]["effective"])
         out[name] = {"acc": float(r["acc,none"]), "acc_norm": float(r["acc_norm,none"]),
-                     "n": n, "split": TASKS[name].split, "source": sources[name]}
+                     "n": n, "split": TASKS[name].split, "source": sources[name],
+                     **answer_shares(res["samples"][key])}
         if log_samples:
             out[name]["samples"] = res["samples"][key]
     total = sum(v["n"] for v in out.values())
     for v in out.values():  # lm-eval runs all tasks' requests together: one shared rate
         v["items_per_s_all_tasks"] = round(total / wall, 4) if wall > 0 else None
     return out
+
+
+def answer_shares(samples: list[dict]) -> dict:
+    """``pred_share`` / ``gold_share``: per choice index, the share of items predicted (highest
+    log-likelihood, lm-eval's acc rule) / labelled with it, rounded to 4 digits."""
+    width = max((len(s["resps"]) for s in samples), default=0)
+    preds = [max(range(len(s["resps"])), key=lambda i: float(s["resps"][i][0][0]))
+             for s in samples]
+    golds = [int(s["target"]) for s in samples]
+
+    def share(xs):
+        return [round(xs.count(i) / len(xs), 4) for i in range(width)] if xs else []
+
+    return {"pred_share": share(preds), "gold_share": share(golds)}
 
 
 # --------------------------------------------------------------------------- both

@@ -77,6 +77,7 @@ class Config:
 
 
 def table1_configs(sparsities=(0.5, 0.6, 0.7), seeds=(0, 1, 2), zero_shot: bool = True,
+                   tasks: tuple[str, ...] = ZERO_SHOT,
                    allocations=("uniform", "activation", "owl", "alphapruning"),
                    sparsegpt: bool = True, nm: bool = True) -> list[Config]:
     """Table 1 in priority order: the cheapest most informative configurations first."""
@@ -101,8 +102,8 @@ def table1_configs(sparsities=(0.5, 0.6, 0.7), seeds=(0, 1, 2), zero_shot: bool 
         out += [Config("wanda", "uniform", 0.5, "2:4"), Config("sparsegpt", "uniform", 0.5, "2:4")]
     if zero_shot:  # 4. zero-shot at 50%
         # perplexity of the same pruned models is in the rows above (same seed, deterministic)
-        out += [Config(None, evals=ZERO_SHOT)] + [
-            Config("wanda", a, 0.5, evals=ZERO_SHOT) for a in ("uniform", "activation", "owl")]
+        out += [Config(None, evals=tasks)] + [
+            Config("wanda", a, 0.5, evals=tasks) for a in ("uniform", "activation", "owl")]
     seen, plan = set(), []
     for c in out:
         if c.name not in seen:
@@ -112,10 +113,12 @@ def table1_configs(sparsities=(0.5, 0.6, 0.7), seeds=(0, 1, 2), zero_shot: bool 
 
 
 def calibration_configs(datasets=("boolq", "mmlu", "siqa", "hellaswag", "c4"),
-                        sparsity: float = 0.5, seed: int = 0) -> list[Config]:
-    """Validation 2: Wanda (uniform) calibrated on each dataset in turn, all five tasks each."""
-    return [Config(None, evals=ZERO_SHOT)] + [
-        Config("wanda", "uniform", sparsity, calibration=d, seed=seed, evals=ZERO_SHOT)
+                        sparsity: float = 0.5, seed: int = 0,
+                        tasks: tuple[str, ...] = ZERO_SHOT) -> list[Config]:
+    """Validation 2: Wanda (uniform) calibrated on each dataset in turn, all five tasks each
+    (or ``tasks``)."""
+    return [Config(None, evals=tasks)] + [
+        Config("wanda", "uniform", sparsity, calibration=d, seed=seed, evals=tasks)
         for d in datasets]
 
 
@@ -250,6 +253,10 @@ def run_plan(settings: Settings, out: str | Path, configs: list[Config],
             finished[c.name] = json.loads(result_path(out, c).read_text())
             _check_same_settings(finished[c.name].get("settings", {}), asdict(settings),
                                  result_path(out, c))
+            saved = finished[c.name].get("config", {}).get("evals")
+            if saved is not None and list(saved) != list(c.evals):
+                raise UserError(f"{result_path(out, c)} evaluated {','.join(saved)}, this run "
+                                f"asks {','.join(c.evals)}; use a new --out")
     (out / CONFIG_DIR).mkdir(parents=True, exist_ok=True)
     write_json(out / "settings.json", asdict(settings))
     ctx = _Context(settings, out)

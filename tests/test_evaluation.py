@@ -112,6 +112,11 @@ def _check_against_reference(model, tok, res, task, docs, prompt, choices_of, go
         pred_norm = max(range(len(ref)), key=lambda i: ref[i] / len(choices[i]))
         acc += pred == gold_of(doc)
         acc_norm += pred_norm == gold_of(doc)
+    preds = [max(range(len(s["resps"])), key=lambda i: float(s["resps"][i][0][0])) for s in samples]
+    golds = [gold_of(docs[s["doc_id"]]) for s in samples]
+    assert res[task]["pred_share"][1] == pytest.approx(preds.count(1) / len(samples), abs=1e-4)
+    assert res[task]["gold_share"][0] == pytest.approx(golds.count(0) / len(samples), abs=1e-4)
+    assert sum(res[task]["pred_share"]) == pytest.approx(1, abs=1e-3)
     assert res[task]["acc"] == pytest.approx(acc / len(samples))
     assert res[task]["acc_norm"] == pytest.approx(acc_norm / len(samples))
 

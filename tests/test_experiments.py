@@ -83,6 +83,9 @@ def test_plan_runs_then_resumes_without_recomputing(tiny_run):
         run_plan(replace(settings, windows=5), out, plan, log=logs.append)
     assert result_path(out, plan[0]).exists()
     assert json.loads((out / "settings.json").read_text())["windows"] == 3
+    # ... and so is a row of the same name that evaluated other tasks
+    with pytest.raises(UserError, match="evaluated wikitext2,c4, this run asks wikitext2"):
+        run_plan(settings, out, [Config(None, evals=("wikitext2",))], log=logs.append)
 
 
 def test_plans_and_cli(tmp_path, capsys):
@@ -96,6 +99,15 @@ def test_plans_and_cli(tmp_path, capsys):
     assert "wanda-activation-0.5-c4-s0" in capsys.readouterr().out
     assert main(["reproduce", "table1", "--out", str(tmp_path / "r"), "--only", "nope"]) == 2
     assert "unknown configuration 'nope'" in capsys.readouterr().err
+    # --tasks: the zero-shot rows evaluate a subset
+    assert main(["reproduce", "calibration", "--out", str(tmp_path / "r"), "--plan",
+                 "--tasks", "boolq,siqa", "--datasets", "c4"]) == 0
+    assert "wanda-uniform-0.5-c4-s0-zs                   evals: boolq,siqa" in \
+        capsys.readouterr().out
+    assert calibration_configs(tasks=("boolq",))[1].evals == ("boolq",)
+    assert main(["reproduce", "table1", "--out", str(tmp_path / "r"), "--plan",
+                 "--tasks", "boolx"]) == 2
+    assert "unknown zero-shot task 'boolx'" in capsys.readouterr().err
 
 
 def test_reproduce_fig1_profiles_counts_plot_and_resumes(tmp_path):

@@ -46,6 +46,9 @@ def add_arguments(p) -> None:
     g.add_argument("--relate", default=None, metavar="FILE",
                    help="calibration: a relatedness JSON (`actpat relate --json`) to correlate "
                         "accuracy with dataset relatedness in OUT/calibration.json")
+    g.add_argument("--tasks", default=None,
+                   help="zero-shot tasks of the zero-shot rows (default: boolq,piqa,siqa,"
+                        "hellaswag,mmlu); a subset gives rows of other names: use another --out")
     g.add_argument("--no-zero-shot", action="store_true", help="table1: perplexity rows only")
     g.add_argument("--plan", action="store_true", help="print the configurations and exit")
     p.add_argument("--batch-size", type=int, default=4)
@@ -102,7 +105,7 @@ def run(args) -> int:
 
 
 def _pruning(args) -> int:
-    from ..experiments import (Settings, calibration_configs, reproduce_calibration,
+    from ..experiments import (ZERO_SHOT, Settings, calibration_configs, reproduce_calibration,
                                reproduce_table1, table1_configs, write_calibration_summary)
 
     for name in ("windows", "zero_shot_limit", "calibration_samples", "profile_samples",
@@ -118,13 +121,18 @@ def _pruning(args) -> int:
                         profile_samples=min(args.profile_samples, args.calibration_samples),
                         batch_size=args.batch_size, progress=not args.quiet)
     sparsities = _floats(args.sparsities, "sparsities")
+    tasks = tuple(t.strip() for t in (args.tasks or ",".join(ZERO_SHOT)).split(",") if t.strip())
+    unknown = [t for t in tasks if t not in ZERO_SHOT]
+    if unknown or not tasks:
+        raise UserError(f"--tasks: unknown zero-shot task '{(unknown or [''])[0]}'; use some of "
+                        f"{','.join(ZERO_SHOT)}")
     if args.experiment == "table1":
         plan = table1_configs(sparsities, _ints(args.seeds, "seeds"),
-                              zero_shot=not args.no_zero_shot)
+                              zero_shot=not args.no_zero_shot, tasks=tasks)
     else:
         datasets = (args.datasets or "boolq,mmlu,siqa,hellaswag,c4").split(",")
         plan = calibration_configs(tuple(d.strip() for d in datasets if d.strip()),
-                                   sparsities[0], args.seed)
+                                   sparsities[0], args.seed, tasks)
     if args.only:
         by_name = {c.name: c for c in plan}
         wanted = [x.strip() for x in args.only.split(",") if x.strip()]
