@@ -157,7 +157,7 @@ def test_reproduce_calibration_end_to_end_writes_the_specificity_summary(tmp_pat
     # relatedness pairs: every (calibration, task) with both in the matrix; piqa included here
     assert acc["relatedness"]["all"]["n_pairs"] == 2 * 5
     md = (out / "calibration.md").read_text()
-    assert f"| siqa | " in md and f"**{want:.3f}**" in md and "Own calibration set best on" in md
+    assert "| siqa | " in md and f"**{want:.3f}**" in md and "Own calibration set best on" in md
     # the HTML report shows it
     assert main(["report", str(out), "--out", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text()

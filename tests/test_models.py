@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from actpat.errors import UserError
-from actpat.metric import MeanAccumulator, pad_batch, score_batch
 from actpat.models import get_adapter, load_model, scored_matrices
 from actpat.profile import Profile, compute_profile
-from tiny import ARCHS, VOCAB, tiny_model
+from tiny import ARCHS, tiny_model
 
 EXPECTED = {
     "llama": ["q", "k", "v", "o", "gate", "up", "down"],
