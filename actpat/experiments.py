@@ -338,7 +338,8 @@ def reproduce_calibration(settings: Settings, out: str | Path,
 def write_calibration_summary(out: str | Path, configs: list[Config],
                               relatedness: dict | None = None) -> dict:
     """Validation 2's verdict numbers for the finished ``configs`` of a calibration plan, for
-    acc and acc_norm (``findings.calibration_specificity``), written to ``OUT/calibration.json``."""
+    acc and acc_norm (``findings.calibration_specificity``), written to ``OUT/calibration.json``,
+    ``OUT/calibration.md`` and (acc) ``OUT/calibration.png``."""
     import json
 
     from .findings import calibration_specificity
@@ -349,6 +350,10 @@ def write_calibration_summary(out: str | Path, configs: list[Config],
     spec.update({m: calibration_specificity(records, m, relatedness) for m in ("acc", "acc_norm")})
     write_json(Path(out) / "calibration.json", spec)
     (Path(out) / "calibration.md").write_text(calibration_markdown(spec) + "\n")
+    if spec["acc"]["tasks"] and spec["acc"]["calibrations"]:
+        from .plots import plot_calibration
+
+        plot_calibration(spec["acc"], Path(out) / "calibration.png")
     return spec
 
 
@@ -371,8 +376,9 @@ def calibration_markdown(spec: dict) -> str:
         for label, row in (("dense", m["dense"]), ("standard error", m["se"])):
             lines.append(f"| {label} | " + " | ".join(
                 f"{row[t]:.3f}" if t in row else "–" for t in tasks) + " |")
-        lines += ["", f"Own calibration set best on {m['own_best']} of {len(m['own'])} tasks "
-                  f"({m['own_best_by_1se']} by more than one standard error):", ""]
+        lines += ["", f"Own calibration set strictly best on {m['own_best']} of {len(m['own'])} "
+                  f"tasks ({m['own_best_by_1se']} by more than one standard error), tied for "
+                  f"best on {m['own_tied_best']}:", ""]
         lines += [f"- {t}: {v['acc']:.3f}, rank {v['rank']} of {v['of']}, best other "
                   f"{v['best_other']:.3f}, margin {v['margin']:+.3f}"
                   + (f" ({v['margin_se']:+.1f} SE)" if v["margin_se"] is not None else "")

@@ -61,8 +61,9 @@ def calibration_specificity(results: list[dict], metric: str = "acc",
 
     Returns the accuracy matrix ``acc[X][T]``, its standard errors, and for every task that is
     also a calibration set the *own-set* check: the rank of ``acc[T][T]`` among ``acc[*][T]``
-    (1 = best; ties share the better rank) and its margin over the best other set, in standard
-    errors. With ``relatedness``: the Spearman correlation, over all (X, T) pairs present in
+    (1 = best; ties share the better rank) and its margin over the best other set, also in
+    standard errors; ``own_best`` counts the tasks whose own set is strictly best,
+    ``own_tied_best`` those where it ties for best. With ``relatedness``: the Spearman correlation, over all (X, T) pairs present in
     both, between r(X, T) and ``acc[X][T]`` minus task T's mean over calibration sets (so task
     difficulty does not count), with and without the own-set pairs (r = 1), per layer band.
     """
@@ -98,9 +99,9 @@ def calibration_specificity(results: list[dict], metric: str = "acc",
                   "margin_se": margin / se[t] if se.get(t) else None}
     out = {"metric": metric, "tasks": tasks, "calibrations": sorted(acc), "acc": acc,
            "dense": dense, "n": {t: n[t] for t in tasks}, "se": se, "own": own,
-           "own_best": sum(v["rank"] == 1 for v in own.values()),
-           "own_best_by_1se": sum(v["rank"] == 1 and (v["margin_se"] or 0) > 1
-                                  for v in own.values())}
+           "own_best": sum(v["margin"] > 0 for v in own.values()),  # strictly best
+           "own_tied_best": sum(v["margin"] == 0 for v in own.values()),
+           "own_best_by_1se": sum((v["margin_se"] or 0) > 1 for v in own.values())}
     if relatedness is not None:
         out["relatedness"] = {band: _relatedness_correlation(acc, relatedness, band)
                               for band in relatedness["bands"]}

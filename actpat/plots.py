@@ -155,3 +155,40 @@ def plot_within_vs_cross(comparisons: list[dict], path, title: str | None = None
                     label=f"{kind}-domain, mean of {len(groups[kind])} comparisons")
     _finish_layer_plot(fig, ax, path, "mean pair similarity",
                        title or "Within- vs cross-domain activation-pattern similarity", 8)
+
+
+def plot_calibration(spec: dict, path, title: str | None = None) -> None:
+    """Validation 2: accuracy of each calibration set (rows) on each task (columns), minus the
+    task's mean over calibration sets, in standard errors; the own-task cells are outlined."""
+    import numpy as np
+
+    calibs, tasks = spec["calibrations"], spec["tasks"]
+    z = np.full((len(calibs), len(tasks)), np.nan)
+    for j, t in enumerate(tasks):
+        col = [spec["acc"][x].get(t) for x in calibs]
+        mean = np.mean([v for v in col if v is not None])
+        for i, v in enumerate(col):
+            if v is not None and spec["se"].get(t):
+                z[i, j] = (v - mean) / spec["se"][t]
+    lim = max(float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0, 1.0)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(tasks), 1.0 + 0.5 * len(calibs)))
+    im = ax.imshow(z, cmap="RdBu", vmin=-lim, vmax=lim)
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels(tasks, fontsize=8)
+    ax.set_yticks(range(len(calibs)))
+    ax.set_yticklabels(calibs, fontsize=8)
+    ax.set_xlabel("evaluated task", fontsize=8)
+    ax.set_ylabel("calibration set", fontsize=8)
+    for i, x in enumerate(calibs):
+        for j, t in enumerate(tasks):
+            v = spec["acc"][x].get(t)
+            if v is not None:
+                dark = np.isfinite(z[i, j]) and abs(z[i, j]) > 0.6 * lim
+                ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")
+            if x == t:
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2))
+    bar = fig.colorbar(im, ax=ax, fraction=0.046)
+    bar.set_label("vs the task's mean (standard errors)", fontsize=7)
+    ax.set_title(title or f"{spec['metric']} by calibration set (own task outlined)", fontsize=9)
+    _save(fig, path)

@@ -792,9 +792,10 @@ def calibration_sections(arts: list[Artifact]) -> list[Section]:
             parts.append(f"<h3>{_esc(metric)} (rows: calibration set; bold: its own task)</h3>"
                          + _table(["calibration"] + tasks, rows))
             own = spec["own"]
-            parts.append(f"<p>The own calibration set gives the best {_esc(metric)} on "
-                         f"{spec['own_best']} of {len(own)} tasks, by more than one standard "
-                         f"error on {spec['own_best_by_1se']}.</p>" + _table(
+            parts.append(f"<p>The own calibration set gives the strictly best {_esc(metric)} "
+                         f"on {spec['own_best']} of {len(own)} tasks (by more than one standard "
+                         f"error on {spec['own_best_by_1se']}) and ties for best on "
+                         f"{spec['own_tied_best']}.</p>" + _table(
                              ["task", "own-set acc", "rank", "best other", "margin (SE)"],
                              [[t, v["acc"], f"{v['rank']} of {v['of']}", v["best_other"],
                                v["margin_se"]] for t, v in own.items()]))

@@ -141,7 +141,7 @@ def test_reproduce_calibration_end_to_end_writes_the_specificity_summary(tmp_pat
             "--calibration-samples", "2", "--calibration-seq-len", "16", "--data-dir", data_dir,
             "--device", "cpu", "--quiet", "--relate", str(relate)]
     assert main(argv) == 0
-    assert "own calibration set gives the best acc on" in capsys.readouterr().out
+    assert "own calibration set gives the strictly best acc on" in capsys.readouterr().out
     recs = {p.stem: json.loads(p.read_text()) for p in (out / "configs").glob("*.json")}
     assert set(recs) == {"dense-zs", "wanda-uniform-0.5-siqa-s0-zs", "wanda-uniform-0.5-c4-s0-zs"}
     siqa = recs["wanda-uniform-0.5-siqa-s0-zs"]
@@ -156,8 +156,9 @@ def test_reproduce_calibration_end_to_end_writes_the_specificity_summary(tmp_pat
     assert acc["own"]["siqa"]["of"] == 2
     # relatedness pairs: every (calibration, task) with both in the matrix; piqa included here
     assert acc["relatedness"]["all"]["n_pairs"] == 2 * 5
+    assert (out / "calibration.png").stat().st_size > 0
     md = (out / "calibration.md").read_text()
-    assert "| siqa | " in md and f"**{want:.3f}**" in md and "Own calibration set best on" in md
+    assert "| siqa | " in md and f"**{want:.3f}**" in md and "Own calibration set strictly best on" in md
     # the HTML report shows it
     assert main(["report", str(out), "--out", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text()

@@ -59,6 +59,11 @@ def test_calibration_specificity_own_set_rank_margin_and_relatedness():
     assert abs(own["a"]["margin_se"] - 0.05 / out["se"]["a"]) < 1e-12
     assert own["b"]["rank"] == 1 and abs(own["b"]["margin"] - 0.02) < 1e-12
     assert out["own_best"] == 2 and out["own_best_by_1se"] == 1  # 0.02 < one SE (about 0.048)
+    assert out["own_tied_best"] == 0
+    tied = calibration_specificity(results[:2] + [_calib("b", {"a": 0.5, "b": 0.40}),
+                                                  _calib("c", {"a": 0.5, "b": 0.40})])
+    assert tied["own"]["b"]["rank"] == 1 and tied["own"]["b"]["margin"] == 0
+    assert tied["own_best"] == 1 and tied["own_tied_best"] == 1
     # a set that loses on its own task gets a worse rank
     worse = calibration_specificity(results[:3] + [_calib("c", {"a": 0.7, "b": 0.5})])
     assert worse["own"]["a"]["rank"] == 2 and worse["own"]["b"]["rank"] == 2

@@ -150,7 +150,7 @@ def _pruning(args) -> int:
     print(f"results: {args.out}/configs/*.json")
     if args.experiment == "calibration":
         spec = write_calibration_summary(args.out, plan, relate)["acc"]
-        print(f"own calibration set gives the best acc on {spec['own_best']} of "
+        print(f"own calibration set gives the strictly best acc on {spec['own_best']} of "
               f"{len(spec['own'])} tasks ({spec['own_best_by_1se']} by more than one standard "
               f"error): {args.out}/calibration.json")
     return 0
