@@ -337,15 +337,19 @@ def reproduce_calibration(settings: Settings, out: str | Path,
 
 def write_calibration_summary(out: str | Path, configs: list[Config],
                               relatedness: dict | None = None) -> dict:
-    """Validation 2's verdict numbers for the finished ``configs`` of a calibration plan, for
-    acc and acc_norm (``findings.calibration_specificity``), written to ``OUT/calibration.json``,
-    ``OUT/calibration.md`` and (acc) ``OUT/calibration.png``."""
-    import json
+    """Validation 2's verdict numbers, for acc and acc_norm (``findings.calibration_specificity``),
+    written to ``OUT/calibration.json``, ``OUT/calibration.md`` and (acc) ``OUT/calibration.png``.
 
+    Uses every zero-shot record in ``OUT`` pruned like the pruned ``configs`` (same pruner,
+    allocation, sparsity and pattern; any calibration set and seed), and the dense ones: runs
+    made with ``--seed 1`` then ``--seed 2`` are averaged together."""
     from .findings import calibration_specificity
 
-    records = [json.loads(result_path(out, c).read_text()) for c in configs
-               if result_path(out, c).exists()]
+    kinds = {(c.pruner, c.allocation, c.sparsity, c.pattern) for c in configs if c.pruner}
+    records = [r for r in load_results(out) if any(t in ZERO_SHOT for t in r["config"]["evals"])
+               and (r["config"]["pruner"] is None or (
+                   r["config"]["pruner"], r["config"]["allocation"], r["config"]["sparsity"],
+                   r["config"]["pattern"]) in kinds)]
     spec = {"kind": "actpat-calibration"}
     spec.update({m: calibration_specificity(records, m, relatedness) for m in ("acc", "acc_norm")})
     write_json(Path(out) / "calibration.json", spec)
@@ -366,13 +370,23 @@ def calibration_markdown(spec: dict) -> str:
         if not m or not m["tasks"]:
             continue
         tasks = m["tasks"]
-        lines += [f"{metric}, calibration set (rows) x task (columns); bold = the set's own task:",
+        lines += [f"{metric}, calibration set (rows) x task (columns); bold = the set's own task"
+                  "; with several calibration seeds, mean ± half the range:",
                   "", "| calibration | " + " | ".join(tasks) + " |",
                   "|---|" + "---|" * len(tasks)]
         for x in m["calibrations"]:
-            cells = [("**{:.3f}**" if x == t else "{:.3f}").format(m["acc"][x][t])
-                     if t in m["acc"][x] else "–" for t in tasks]
-            lines.append(f"| {x} | " + " | ".join(cells) + " |")
+            cells = []
+            for t in tasks:
+                if t not in m["acc"][x]:
+                    cells.append("–")
+                    continue
+                text = f"{m['acc'][x][t]:.3f}"
+                if len(m["seeds"][x]) > 1:
+                    text += f" ± {m['spread'][x][t]:.3f}"
+                cells.append(f"**{text}**" if x == t else text)
+            label = x + (f" (seeds {','.join(map(str, m['seeds'][x]))})"
+                         if len(m["seeds"][x]) > 1 else "")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         for label, row in (("dense", m["dense"]), ("standard error", m["se"])):
             lines.append(f"| {label} | " + " | ".join(
                 f"{row[t]:.3f}" if t in row else "–" for t in tasks) + " |")

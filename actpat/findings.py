@@ -55,21 +55,23 @@ def calibration_specificity(results: list[dict], metric: str = "acc",
                             relatedness: dict | None = None) -> dict:
     """Validation 2: does pruning calibrated on dataset X keep task X (and related tasks) best?
 
-    ``results``: ``actpat reproduce calibration`` records (same pruner and sparsity, one per
-    calibration set, each evaluated zero-shot); dense records are used as the reference.
+    ``results``: ``actpat reproduce calibration`` records (same pruner and sparsity, one or more
+    calibration seeds per calibration set, each evaluated zero-shot); dense records are used as
+    the reference. With several seeds, ``acc[X][T]`` is their mean, ``spread[X][T]`` half their
+    range and ``seeds[X]`` the seeds.
     ``relatedness``: an ``actpat relate`` JSON; each of its bands' matrices gives r(X, T).
 
     Returns the accuracy matrix ``acc[X][T]``, its standard errors, and for every task that is
     also a calibration set the *own-set* check: the rank of ``acc[T][T]`` among ``acc[*][T]``
     (1 = best; ties share the better rank) and its margin over the best other set, also in
     standard errors; ``own_best`` counts the tasks whose own set is strictly best,
-    ``own_tied_best`` those where it ties for best. With ``relatedness``: the Spearman correlation, over all (X, T) pairs present in
-    both, between r(X, T) and ``acc[X][T]`` minus task T's mean over calibration sets (so task
+    ``own_tied_best`` those where it ties for best. With ``relatedness``: the Spearman
+    correlation, over all (X, T) pairs present in both, between r(X, T) and ``acc[X][T]`` minus task T's mean over calibration sets (so task
     difficulty does not count), with and without the own-set pairs (r = 1), per layer band.
     """
     import math
 
-    acc, n, dense = {}, {}, {}
+    runs, n, dense, seeds = {}, {}, {}, {}  # runs[X][T]: one accuracy per seed
     for rec in results:
         ev, c = rec["eval"], rec["config"]
         row = {t: v[metric] for t, v in ev.items() if metric in v}
@@ -78,8 +80,12 @@ def calibration_specificity(results: list[dict], metric: str = "acc",
         if c["pruner"] is None:
             dense.update(row)
         else:
-            acc[c["calibration"]] = row
+            seeds.setdefault(c["calibration"], []).append(c.get("seed", 0))
+            for t, v in row.items():
+                runs.setdefault(c["calibration"], {}).setdefault(t, []).append(v)
         n.update({t: v.get("n") for t, v in ev.items() if metric in v})
+    acc = {x: {t: _mean(v) for t, v in row.items()} for x, row in runs.items()}
+    spread = {x: {t: (max(v) - min(v)) / 2 for t, v in row.items()} for x, row in runs.items()}
     tasks = sorted({t for row in acc.values() for t in row})
     se = {}  # binomial standard error of one accuracy, at the task's mean accuracy
     for t in tasks:
@@ -98,6 +104,7 @@ def calibration_specificity(results: list[dict], metric: str = "acc",
                   "of": 1 + len(others), "best_other": max(others), "margin": margin,
                   "margin_se": margin / se[t] if se.get(t) else None}
     out = {"metric": metric, "tasks": tasks, "calibrations": sorted(acc), "acc": acc,
+           "spread": spread, "seeds": {x: sorted(s) for x, s in seeds.items()},
            "dense": dense, "n": {t: n[t] for t in tasks}, "se": se, "own": own,
            "own_best": sum(v["margin"] > 0 for v in own.values()),  # strictly best
            "own_tied_best": sum(v["margin"] == 0 for v in own.values()),

@@ -30,8 +30,8 @@ def test_finding1_on_a_pattern_that_follows_the_paper_and_one_that_does_not():
     assert out["verdict"]["general_keeps_more_deep_activation"] is True
 
 
-def _calib(calibration, accs, pruner="wanda", n=100):
-    return {"config": {"pruner": pruner, "calibration": calibration},
+def _calib(calibration, accs, pruner="wanda", n=100, seed=0):
+    return {"config": {"pruner": pruner, "calibration": calibration, "seed": seed},
             "eval": {t: {"acc": a, "n": n} for t, a in accs.items()}}
 
 
@@ -64,6 +64,12 @@ def test_calibration_specificity_own_set_rank_margin_and_relatedness():
                                                   _calib("c", {"a": 0.5, "b": 0.40})])
     assert tied["own"]["b"]["rank"] == 1 and tied["own"]["b"]["margin"] == 0
     assert tied["own_best"] == 1 and tied["own_tied_best"] == 1
+    # two seeds of one calibration set: their mean, half their range
+    two = calibration_specificity(results + [_calib("a", {"a": 0.40, "b": 0.44}, seed=1)])
+    assert two["seeds"]["a"] == [0, 1] and two["seeds"]["b"] == [0]
+    assert abs(two["acc"]["a"]["a"] - 0.50) < 1e-12 and abs(two["spread"]["a"]["a"] - 0.10) < 1e-12
+    assert two["own"]["a"]["rank"] == 2  # c (0.55) is now better on a; b (0.50) ties
+
     # a set that loses on its own task gets a worse rank
     worse = calibration_specificity(results[:3] + [_calib("c", {"a": 0.7, "b": 0.5})])
     assert worse["own"]["a"]["rank"] == 2 and worse["own"]["b"]["rank"] == 2
