@@ -140,7 +140,8 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None,
               log_samples: bool = False) -> dict:
     """acc / acc_norm of each task through lm-eval's ``HFLM`` on the in-memory model.
 
-    Each task's entry also holds ``pred_share`` and ``gold_share``: the share of items whose
+    Each task's entry also holds ``acc_balanced`` (see ``answer_shares``), and ``pred_share``
+    and ``gold_share``: the share of items whose
     acc-prediction (highest log-likelihood) and whose gold answer is choice 0, 1, ... (a model
     that always answers "yes" on BoolQ shows up as a ``pred_share`` near [0, 1]). With
     ``log_samples`` it also holds ``samples``: lm-eval's per-item records (arguments,
@@ -201,7 +202,9 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None,
 
 def answer_shares(samples: list[dict]) -> dict:
     """``pred_share`` / ``gold_share``: per choice index, the share of items predicted (highest
-    log-likelihood, lm-eval's acc rule) / labelled with it, rounded to 4 digits."""
+    log-likelihood, lm-eval's acc rule) / labelled with it, rounded to 4 digits; and
+    ``acc_balanced``: acc's recall averaged over the gold answers present, which a model that
+    always gives the same answer cannot lift above 1 / (number of answers present)."""
     width = max((len(s["resps"]) for s in samples), default=0)
     preds = [max(range(len(s["resps"])), key=lambda i: float(s["resps"][i][0][0]))
              for s in samples]
@@ -210,7 +213,10 @@ def answer_shares(samples: list[dict]) -> dict:
     def share(xs):
         return [round(xs.count(i) / len(xs), 4) for i in range(width)] if xs else []
 
-    return {"pred_share": share(preds), "gold_share": share(golds)}
+    recalls = [sum(p == g for p, g in zip(preds, golds) if g == c) / golds.count(c)
+               for c in sorted(set(golds))]
+    return {"pred_share": share(preds), "gold_share": share(golds),
+            "acc_balanced": sum(recalls) / len(recalls) if recalls else None}
 
 
 # --------------------------------------------------------------------------- both

@@ -117,6 +117,9 @@ def _check_against_reference(model, tok, res, task, docs, prompt, choices_of, go
     assert res[task]["pred_share"][1] == pytest.approx(preds.count(1) / len(samples), abs=1e-4)
     assert res[task]["gold_share"][0] == pytest.approx(golds.count(0) / len(samples), abs=1e-4)
     assert sum(res[task]["pred_share"]) == pytest.approx(1, abs=1e-3)
+    classes = sorted(set(golds))
+    recall = [sum(p == g for p, g in zip(preds, golds) if g == c) / golds.count(c) for c in classes]
+    assert res[task]["acc_balanced"] == pytest.approx(sum(recall) / len(recall))
     assert res[task]["acc"] == pytest.approx(acc / len(samples))
     assert res[task]["acc_norm"] == pytest.approx(acc_norm / len(samples))
 
@@ -187,3 +190,20 @@ def test_zero_shot_smollm2_matches_independent_scorer(smollm2, data_dir):
                    + "".join(f"{letters[i]}. {c}\n" for i, c in enumerate(d["choices"]))
                    + "Answer:"),
         lambda d: list(letters), lambda d: d["answer"])
+
+
+def test_answer_shares_on_fixed_items():
+    from actpat.evaluation import answer_shares
+
+    def item(gold, lls):
+        return {"target": gold, "resps": [[[ll, False]] for ll in lls]}
+
+    always_yes = [item(1, [-2.0, -1.0]), item(1, [-3.0, -1.0]), item(1, [-2.5, -0.5]),
+                  item(0, [-2.0, -1.5])]
+    out = answer_shares(always_yes)
+    assert out["pred_share"] == [0.0, 1.0] and out["gold_share"] == [0.25, 0.75]
+    assert out["acc_balanced"] == 0.5  # acc is 0.75, but one answer for everything
+    mixed = always_yes + [item(0, [-1.0, -2.0]), item(2, [-3.0, -2.0, -1.0])]
+    out = answer_shares(mixed)  # recalls: class 0: 1/2, class 1: 3/3, class 2: 1/1
+    assert out["pred_share"] == [0.1667, 0.6667, 0.1667]
+    assert out["acc_balanced"] == pytest.approx((0.5 + 1 + 1) / 3)
