@@ -29,6 +29,7 @@ ZERO_SHOT = ("boolq", "piqa", "siqa", "hellaswag", "mmlu")
 # Calibration split per dataset: C4 train (perplexity uses validation). QA sets use their only
 # local split, rows after the first 200 (actpat.calibration), so evaluated items never calibrate.
 CALIBRATION_SPLITS = {"c4": "train"}
+CALIBRATION_METRICS = ("acc", "acc_norm", "acc_balanced")  # validation 2's summary, when recorded
 COUNTS_CALIBRATION = "c4"  # the activation allocation's counts: a profile of C4 (the paper)
 
 
@@ -351,7 +352,8 @@ def write_calibration_summary(out: str | Path, configs: list[Config],
                    r["config"]["pruner"], r["config"]["allocation"], r["config"]["sparsity"],
                    r["config"]["pattern"]) in kinds)]
     spec = {"kind": "actpat-calibration"}
-    spec.update({m: calibration_specificity(records, m, relatedness) for m in ("acc", "acc_norm")})
+    spec.update({m: calibration_specificity(records, m, relatedness) for m in CALIBRATION_METRICS
+                 if any(m in v for r in records for v in r["eval"].values())})
     write_json(Path(out) / "calibration.json", spec)
     (Path(out) / "calibration.md").write_text(calibration_markdown(spec) + "\n")
     if spec["acc"]["tasks"] and spec["acc"]["calibrations"]:
@@ -365,7 +367,7 @@ def calibration_markdown(spec: dict) -> str:
     """``OUT/calibration.md``: per metric, accuracy by calibration set (rows) and task
     (columns), the own task in bold, then the own-set verdict and the relatedness correlation."""
     lines = []
-    for metric in ("acc", "acc_norm"):
+    for metric in CALIBRATION_METRICS:
         m = spec.get(metric)
         if not m or not m["tasks"]:
             continue

@@ -779,7 +779,7 @@ def calibration_sections(arts: list[Artifact]) -> list[Section]:
     out = []
     for a in arts:
         parts = []
-        for metric in ("acc", "acc_norm"):
+        for metric in ("acc", "acc_norm", "acc_balanced"):
             spec = a.data.get(metric)
             if not spec:
                 continue

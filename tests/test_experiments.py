@@ -148,7 +148,7 @@ def test_reproduce_calibration_end_to_end_writes_the_specificity_summary(tmp_pat
     assert "siqa/validation.jsonl (rows >= 200" in siqa["calibration"]["source"]
     assert siqa["eval"]["siqa"]["n"] == 2
     spec = json.loads((out / "calibration.json").read_text())
-    assert set(spec) == {"kind", "acc", "acc_norm"}
+    assert set(spec) == {"kind", "acc", "acc_norm", "acc_balanced"}
     acc = spec["acc"]
     assert acc["calibrations"] == ["c4", "siqa"] and len(acc["tasks"]) == 5
     want = siqa["eval"]["siqa"]["acc"]
