@@ -116,6 +116,8 @@ def calibration_specificity(results: list[dict], metric: str = "acc",
 
 
 def _relatedness_correlation(acc: dict, relate: dict, band: str) -> dict:
+    import warnings
+
     from scipy.stats import spearmanr
 
     names = relate["datasets"]
@@ -131,7 +133,9 @@ def _relatedness_correlation(acc: dict, relate: dict, band: str) -> dict:
     def rho(ps):
         if len(ps) < 3:
             return None
-        r = spearmanr([p[2] for p in ps], [p[3] for p in ps]).statistic
+        with warnings.catch_warnings():  # constant input: NaN, reported as None below
+            warnings.simplefilter("ignore")
+            r = spearmanr([p[2] for p in ps], [p[3] for p in ps]).statistic
         return None if r != r else float(r)  # NaN (constant input) -> None
 
     off = [p for p in pairs if p[0] != p[1]]
