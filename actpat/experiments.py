@@ -339,7 +339,8 @@ def reproduce_calibration(settings: Settings, out: str | Path,
 def write_calibration_summary(out: str | Path, configs: list[Config],
                               relatedness: dict | None = None) -> dict:
     """Validation 2's verdict numbers, for acc and acc_norm (``findings.calibration_specificity``),
-    written to ``OUT/calibration.json``, ``OUT/calibration.md`` and (acc) ``OUT/calibration.png``.
+    written to ``OUT/calibration.json``, ``OUT/calibration.md`` and ``OUT/calibration.png``
+    (balanced accuracy when recorded, else acc).
 
     Uses every zero-shot record in ``OUT`` pruned like the pruned ``configs`` (same pruner,
     allocation, sparsity and pattern; any calibration set and seed), and the dense ones: runs
@@ -356,10 +357,11 @@ def write_calibration_summary(out: str | Path, configs: list[Config],
                  if any(m in v for r in records for v in r["eval"].values())})
     write_json(Path(out) / "calibration.json", spec)
     (Path(out) / "calibration.md").write_text(calibration_markdown(spec) + "\n")
-    if spec["acc"]["tasks"] and spec["acc"]["calibrations"]:
+    shown = spec.get("acc_balanced") or spec["acc"]  # the bias-robust metric when recorded
+    if shown["tasks"] and shown["calibrations"]:
         from .plots import plot_calibration
 
-        plot_calibration(spec["acc"], Path(out) / "calibration.png")
+        plot_calibration(shown, Path(out) / "calibration.png")
     return spec
 
 
