@@ -807,7 +807,8 @@ def calibration_sections(arts: list[Artifact]) -> list[Section]:
                                  [[b, v["spearman"], v["spearman_without_own"], v["n_pairs"]]
                                   for b, v in rel.items()]))
         sid = "calibration" if not out else f"calibration-{len(out)}"
-        out.append(Section(sid, f"Calibration specificity ({a.path.parent.name})",
+        where = a.path.parent.name if a.path.name == "calibration.json" else a.path.stem
+        out.append(Section(sid, f"Calibration specificity ({where})",
                            "".join(parts), [str(a.path)]))
     return out
 
