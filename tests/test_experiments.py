@@ -105,6 +105,12 @@ def test_plans_and_cli(tmp_path, capsys):
     assert "wanda-uniform-0.5-c4-s0-zs                   evals: boolq,siqa" in \
         capsys.readouterr().out
     assert calibration_configs(tasks=("boolq",))[1].evals == ("boolq",)
+    # --seeded-allocations: which Wanda rows get every seed
+    seeded = [c.name for c in table1_configs((0.7,), (0, 1), seeded=("owl",)) if c.seed == 1]
+    assert seeded == ["wanda-owl-0.7-c4-s1"]
+    assert main(["reproduce", "table1", "--out", str(tmp_path / "r"), "--plan",
+                 "--seeded-allocations", "owll"]) == 2
+    assert "unknown allocation 'owll'" in capsys.readouterr().err
     assert main(["reproduce", "table1", "--out", str(tmp_path / "r"), "--plan",
                  "--tasks", "boolx"]) == 2
     assert "unknown zero-shot task 'boolx'" in capsys.readouterr().err

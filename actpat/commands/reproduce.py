@@ -34,6 +34,9 @@ def add_arguments(p) -> None:
     g.add_argument("--calibration-seq-len", type=int, default=256)
     g.add_argument("--sparsities", default="0.5,0.6,0.7")
     g.add_argument("--seeds", default="0,1,2", help="table1: calibration seeds of Wanda rows")
+    g.add_argument("--seeded-allocations", default="uniform,activation",
+                   help="table1: the Wanda allocations run with every --seeds (default "
+                        "uniform,activation)")
     g.add_argument("--profile", default=None,
                    help="counts profile for the activation allocation (default: profile the "
                         "seed-0 calibration windows once, saved in OUT/counts-profile)")
@@ -127,8 +130,15 @@ def _pruning(args) -> int:
         raise UserError(f"--tasks: unknown zero-shot task '{(unknown or [''])[0]}'; use some of "
                         f"{','.join(ZERO_SHOT)}")
     if args.experiment == "table1":
+        seeded = tuple(a.strip() for a in args.seeded_allocations.split(",") if a.strip())
+        from ..allocation import ALLOCATORS
+
+        bad = [a for a in seeded if a not in ALLOCATORS]
+        if bad:
+            raise UserError(f"--seeded-allocations: unknown allocation '{bad[0]}'; use some of "
+                            f"{','.join(ALLOCATORS)}")
         plan = table1_configs(sparsities, _ints(args.seeds, "seeds"),
-                              zero_shot=not args.no_zero_shot, tasks=tasks)
+                              zero_shot=not args.no_zero_shot, tasks=tasks, seeded=seeded)
     else:
         datasets = (args.datasets or "boolq,mmlu,siqa,hellaswag,c4").split(",")
         plan = calibration_configs(tuple(d.strip() for d in datasets if d.strip()),
