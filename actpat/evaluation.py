@@ -44,13 +44,15 @@ ALL_TASKS = tuple(PERPLEXITY_SPLITS) + ZERO_SHOT_TASKS
 DEFAULT_TASKS = ALL_TASKS
 
 
-def parse_tasks(spec: str | list[str]) -> list[str]:
+def parse_tasks(spec: str | list[str], allowed: tuple[str, ...] = ALL_TASKS,
+                what: str = "task") -> list[str]:
+    """``--tasks`` as a list of names from ``allowed`` (duplicates dropped, order kept)."""
     names = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec) if t.strip()]
     if not names:
-        raise UserError("--tasks is empty; give e.g. wikitext2,boolq")
-    unknown = [t for t in names if t not in ALL_TASKS]
+        raise UserError(f"--tasks is empty; give e.g. {','.join(allowed[:2])}")
+    unknown = [t for t in names if t not in allowed]
     if unknown:
-        raise UserError(f"unknown task '{unknown[0]}': use any of {','.join(ALL_TASKS)}")
+        raise UserError(f"unknown {what} '{unknown[0]}': use any of {','.join(allowed)}")
     return list(dict.fromkeys(names))
 
 

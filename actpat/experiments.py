@@ -341,8 +341,8 @@ def reproduce_calibration(settings: Settings, out: str | Path,
 
 def write_calibration_summary(out: str | Path, configs: list[Config],
                               relatedness: dict | None = None) -> dict:
-    """Validation 2's verdict numbers, for acc and acc_norm (``findings.calibration_specificity``),
-    written to ``OUT/calibration.json``, ``OUT/calibration.md`` and ``OUT/calibration.png``
+    """Validation 2's verdict numbers (``findings.calibration_specificity``) for each metric of
+    ``CALIBRATION_METRICS`` the records hold, written to ``OUT/calibration.json``, ``OUT/calibration.md`` and ``OUT/calibration.png``
     (balanced accuracy when recorded, else acc).
 
     Uses every zero-shot record in ``OUT`` pruned like the pruned ``configs`` (same pruner,

@@ -65,9 +65,10 @@ def calibration_specificity(results: list[dict], metric: str = "acc",
     also a calibration set the *own-set* check: the rank of ``acc[T][T]`` among ``acc[*][T]``
     (1 = best; ties share the better rank) and its margin over the best other set, also in
     standard errors; ``own_best`` counts the tasks whose own set is strictly best,
-    ``own_tied_best`` those where it ties for best. With ``relatedness``: the Spearman
-    correlation, over all (X, T) pairs present in both, between r(X, T) and ``acc[X][T]`` minus task T's mean over calibration sets (so task
-    difficulty does not count), with and without the own-set pairs (r = 1), per layer band.
+    ``own_tied_best`` those where it ties for best. ``centred[X][T]`` is ``acc[X][T]`` minus
+    task T's mean over the calibration sets, so that task difficulty does not count. With
+    ``relatedness``: the Spearman correlation between r(X, T) and ``centred[X][T]`` over all
+    (X, T) pairs present in both, with and without the own-set pairs (r = 1), per layer band.
     """
     import math
 
@@ -87,11 +88,10 @@ def calibration_specificity(results: list[dict], metric: str = "acc",
     acc = {x: {t: _mean(v) for t, v in row.items()} for x, row in runs.items()}
     spread = {x: {t: (max(v) - min(v)) / 2 for t, v in row.items()} for x, row in runs.items()}
     tasks = sorted({t for row in acc.values() for t in row})
-    se = {}  # binomial standard error of one accuracy, at the task's mean accuracy
-    for t in tasks:
-        p = _mean(row[t] for row in acc.values() if t in row)
-        if n.get(t):
-            se[t] = math.sqrt(p * (1 - p) / n[t])
+    task_mean = {t: _mean(row[t] for row in acc.values() if t in row) for t in tasks}
+    centred = {x: {t: v - task_mean[t] for t, v in row.items()} for x, row in acc.items()}
+    # binomial standard error of one accuracy, at the task's mean accuracy
+    se = {t: math.sqrt(p * (1 - p) / n[t]) for t, p in task_mean.items() if n.get(t)}
     own = {}
     for t in tasks:
         if t not in acc or t not in acc[t]:
@@ -104,31 +104,28 @@ def calibration_specificity(results: list[dict], metric: str = "acc",
                   "of": 1 + len(others), "best_other": max(others), "margin": margin,
                   "margin_se": margin / se[t] if se.get(t) else None}
     out = {"metric": metric, "tasks": tasks, "calibrations": sorted(acc), "acc": acc,
-           "spread": spread, "seeds": {x: sorted(s) for x, s in seeds.items()},
+           "spread": spread, "centred": centred,
+           "seeds": {x: sorted(s) for x, s in seeds.items()},
            "dense": dense, "n": {t: n[t] for t in tasks}, "se": se, "own": own,
            "own_best": sum(v["margin"] > 0 for v in own.values()),  # strictly best
            "own_tied_best": sum(v["margin"] == 0 for v in own.values()),
            "own_best_by_1se": sum((v["margin_se"] or 0) > 1 for v in own.values())}
     if relatedness is not None:
-        out["relatedness"] = {band: _relatedness_correlation(acc, relatedness, band)
+        out["relatedness"] = {band: _relatedness_correlation(centred, relatedness, band)
                               for band in relatedness["bands"]}
     return out
 
 
-def _relatedness_correlation(acc: dict, relate: dict, band: str) -> dict:
+def _relatedness_correlation(centred: dict, relate: dict, band: str) -> dict:
     import warnings
 
     from scipy.stats import spearmanr
 
     names = relate["datasets"]
     matrix = relate["bands"][band]["matrix"]
-    pairs = []  # (calibration, task, relatedness, accuracy minus the task's mean)
-    for t in {t for row in acc.values() for t in row}:
-        xs = [x for x in acc if t in acc[x] and x in names]
-        if t not in names or len(xs) < 2:
-            continue
-        mean = _mean(acc[x][t] for x in xs)
-        pairs += [(x, t, matrix[names.index(x)][names.index(t)], acc[x][t] - mean) for x in xs]
+    pairs = [(x, t, matrix[names.index(x)][names.index(t)], v)  # (calibration, task, r, centred)
+             for x, row in centred.items() if x in names
+             for t, v in row.items() if t in names]
 
     def rho(ps):
         if len(ps) < 3:

@@ -163,13 +163,9 @@ def plot_calibration(spec: dict, path, title: str | None = None) -> None:
     import numpy as np
 
     calibs, tasks = spec["calibrations"], spec["tasks"]
-    z = np.full((len(calibs), len(tasks)), np.nan)
-    for j, t in enumerate(tasks):
-        col = [spec["acc"][x].get(t) for x in calibs]
-        mean = np.mean([v for v in col if v is not None])
-        for i, v in enumerate(col):
-            if v is not None and spec["se"].get(t):
-                z[i, j] = (v - mean) / spec["se"][t]
+    z = np.array([[spec["centred"][x][t] / spec["se"][t]
+                   if t in spec["centred"][x] and spec["se"].get(t) else np.nan
+                   for t in tasks] for x in calibs], dtype=float)
     lim = max(float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0, 1.0)
     fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(tasks), 1.0 + 0.5 * len(calibs)))
     im = ax.imshow(z, cmap="RdBu", vmin=-lim, vmax=lim)

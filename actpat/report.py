@@ -779,10 +779,9 @@ def calibration_sections(arts: list[Artifact]) -> list[Section]:
     out = []
     for a in arts:
         parts = []
-        for metric in ("acc", "acc_norm", "acc_balanced"):
-            spec = a.data.get(metric)
-            if not spec:
-                continue
+        for metric, spec in a.data.items():
+            if not isinstance(spec, dict) or "own" not in spec:
+                continue  # "kind"
             tasks = spec["tasks"]
             rows = [[x] + [_Raw(f"<b>{_num(spec['acc'][x].get(t))}</b>") if x == t
                            else spec["acc"][x].get(t) for t in tasks]

@@ -108,6 +108,7 @@ def run(args) -> int:
 
 
 def _pruning(args) -> int:
+    from ..evaluation import parse_tasks
     from ..experiments import (ZERO_SHOT, Settings, calibration_configs, reproduce_calibration,
                                reproduce_table1, table1_configs, write_calibration_summary)
 
@@ -124,11 +125,8 @@ def _pruning(args) -> int:
                         profile_samples=min(args.profile_samples, args.calibration_samples),
                         batch_size=args.batch_size, progress=not args.quiet)
     sparsities = _floats(args.sparsities, "sparsities")
-    tasks = tuple(t.strip() for t in (args.tasks or ",".join(ZERO_SHOT)).split(",") if t.strip())
-    unknown = [t for t in tasks if t not in ZERO_SHOT]
-    if unknown or not tasks:
-        raise UserError(f"--tasks: unknown zero-shot task '{(unknown or [''])[0]}'; use some of "
-                        f"{','.join(ZERO_SHOT)}")
+    tasks = tuple(parse_tasks(args.tasks, ZERO_SHOT, "zero-shot task")) if args.tasks \
+        else ZERO_SHOT
     if args.experiment == "table1":
         seeded = tuple(a.strip() for a in args.seeded_allocations.split(",") if a.strip())
         from ..allocation import ALLOCATORS
