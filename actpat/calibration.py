@@ -7,14 +7,16 @@
   scores, so calibration never sees an evaluated item) are shuffled with ``seed``; each
   becomes its lm-eval prompt followed by its gold answer (when the dataset has one), the
   texts are joined with blank lines into one token stream, and the stream is cut into ``n``
-  consecutive windows of ``seq_len`` tokens.
+  consecutive windows of ``seq_len`` tokens (BOS + ``seq_len - 1`` stream tokens when the
+  tokenizer adds BOS, ``actpat.data.window_bos``).
 """
 
 from __future__ import annotations
 
 import random
 
-from .data import Samples, get_spec, is_path, load_records, record_texts, sample_sequences
+from .data import (Samples, get_spec, is_path, load_records, record_texts, sample_sequences,
+                   window_bos, window_start)
 from .errors import UserError
 
 DEFAULT_EXCLUDE_FIRST = 200
@@ -67,8 +69,10 @@ def calibration_sequences(tokenizer, dataset: str, n: int, seq_len: int, seed: i
         raise UserError(f"'{dataset}' has {len(texts)} records, all among the first "
                         f"{exclude_first} kept for evaluation; lower exclude_first")
     random.Random(seed).shuffle(pool)
+    bos = window_bos(tokenizer)
+    body = seq_len if bos is None else seq_len - 1  # stream tokens per window
     stream: list[int] = []
-    need = n * seq_len
+    need = n * body
     sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
     for i in pool:
         stream += tokenizer(texts[i] + _answer(dataset, records.rows[i]),
@@ -79,7 +83,8 @@ def calibration_sequences(tokenizer, dataset: str, n: int, seq_len: int, seed: i
         raise UserError(f"the {len(pool)} calibration records of '{dataset}' give "
                         f"{len(stream)} tokens, fewer than {n} x {seq_len}; lower "
                         "--calibration-samples or --seq-len")
-    starts = [k * seq_len for k in range(n)]
-    return Samples([stream[s:s + seq_len] for s in starts], starts,
+    starts = [k * body for k in range(n)]
+    head = [] if bos is None else [bos]
+    return Samples([head + stream[s:s + body] for s in starts], starts,
                    f"{records.source} (rows >= {exclude_first}, shuffled, seed {seed})",
-                   dataset, split)
+                   dataset, split, window_start(bos))

@@ -253,6 +253,28 @@ class Samples:
     source: str
     dataset: str
     split: str | None
+    window_start: str | None = None  # windows: "bos" or "stream" (see ``window_bos``); texts: None
+
+
+def window_bos(tokenizer) -> int | None:
+    """The BOS id when the tokenizer puts BOS in front of every text (Gemma, Llama-2), else None.
+
+    A model trained that way has never seen a text start without BOS, so every window cut from
+    a token stream (perplexity, calibration, corpus profiles) begins with it and holds
+    ``seq_len - 1`` stream tokens, all of them predicted. Tokenizers that add no BOS (SmolLM2,
+    Qwen2, GPT-2) keep plain windows of ``seq_len`` stream tokens, the Wanda / SparseGPT recipe,
+    so published perplexities stay comparable.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def window_start(bos: int | None) -> str:
+    """What the outputs record about the windows: ``"bos"`` or ``"stream"``."""
+    return "stream" if bos is None else "bos"
 
 
 def sample_sequences(
@@ -302,24 +324,33 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 def _sample_windows(tokenizer, dataset, n, seq_len, rng, split, data_dir) -> Samples:
     records = load_records(dataset, split, data_dir)
+    bos = window_bos(tokenizer)
+    body = seq_len if bos is None else seq_len - 1  # stream tokens per window
+    head = [] if bos is None else [bos]
+
+    def encode(text: str) -> list[int]:  # a BOS tokenizer's own BOS would land mid-window
+        return _encode(tokenizer, text) if bos is None else \
+            tokenizer(text, add_special_tokens=False)["input_ids"]
+
     if dataset == "c4":
         order = list(range(len(records.rows)))
         rng.shuffle(order)
         seqs, idx = [], []
         for i in order:
-            ids = _encode(tokenizer, records.rows[i]["text"])
-            if len(ids) > seq_len:
-                start = rng.randint(0, len(ids) - seq_len - 1)
-                seqs.append(ids[start:start + seq_len])
+            ids = encode(records.rows[i]["text"])
+            if len(ids) > body:
+                start = rng.randint(0, len(ids) - body - 1)
+                seqs.append(head + ids[start:start + body])
                 idx.append(i)
                 if len(seqs) == n:
-                    return Samples(seqs, idx, records.source, dataset, split)
+                    return Samples(seqs, idx, records.source, dataset, split, window_start(bos))
         raise UserError(f"only {len(seqs)} documents of c4/{split} have more than {seq_len} "
                         f"tokens; lower --samples or --seq-len")
     text = "\n\n".join(r["text"] for r in records.rows)
-    ids = _encode(tokenizer, text)
-    if len(ids) < seq_len * n:
+    ids = encode(text)
+    if len(ids) < body * n:
         raise UserError(f"{dataset}/{split} has {len(ids)} tokens, fewer than {n} windows of "
                         f"{seq_len}; lower --samples or --seq-len")
-    starts = [rng.randint(0, len(ids) - seq_len - 1) for _ in range(n)]
-    return Samples([ids[s:s + seq_len] for s in starts], starts, records.source, dataset, split)
+    starts = [rng.randint(0, len(ids) - body - 1) for _ in range(n)]
+    return Samples([head + ids[s:s + body] for s in starts], starts, records.source, dataset,
+                   split, window_start(bos))

@@ -2,9 +2,12 @@
 
 Perplexity (``wikitext2`` test, rows joined "\\n\\n"; ``c4`` validation, documents joined " "):
 the corpus is tokenized once (no special tokens) and cut into non-overlapping windows of
-``seq_len`` tokens; a tail shorter than ``seq_len`` is dropped; ``limit`` keeps the first N
+``seq_len`` tokens; a tail shorter than a window is dropped; ``limit`` keeps the first N
 windows. Each window is scored on its own with labels = inputs, so its first token is *not*
-predicted: ``seq_len - 1`` predictions per window, and
+predicted: ``seq_len - 1`` predictions per window. When the tokenizer puts BOS in front of every
+text (Gemma, Llama-2; ``actpat.data.window_bos``) each window is BOS + ``seq_len - 1`` stream
+tokens, all predicted; otherwise (SmolLM2, Qwen2) it is ``seq_len`` stream tokens, the first not
+predicted. Either way
 
     ppl = exp( sum of token NLL over all windows / (windows * (seq_len - 1)) ).
 
@@ -34,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from .data import corpus_text, default_data_dir
+from .data import corpus_text, default_data_dir, window_bos, window_start
 from .errors import UserError
 from .tasks import TASKS
 
@@ -66,6 +69,7 @@ class Corpus:
     name: str
     ids: torch.Tensor  # (T,) int64
     source: str
+    bos: int | None = None  # prepended to every window (``actpat.data.window_bos``)
 
 
 def load_corpus(tokenizer, dataset: str, data_dir: str | None = None) -> Corpus:
@@ -74,19 +78,23 @@ def load_corpus(tokenizer, dataset: str, data_dir: str | None = None) -> Corpus:
                         f"{', '.join(PERPLEXITY_SPLITS)}")
     text, source = corpus_text(dataset, PERPLEXITY_SPLITS[dataset], data_dir)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    return Corpus(dataset, ids.long(), f"{source} ({PERPLEXITY_SPLITS[dataset]})")
+    return Corpus(dataset, ids.long(), f"{source} ({PERPLEXITY_SPLITS[dataset]})",
+                  window_bos(tokenizer))
 
 
 @torch.inference_mode()
 def window_nll(model, ids: torch.Tensor, seq_len: int, limit: int | None = None,
-               batch_size: int = 4, progress: bool = False) -> tuple[float, int, int]:
+               batch_size: int = 4, progress: bool = False,
+               bos: int | None = None) -> tuple[float, int, int]:
     """Summed next-token NLL over the first ``limit`` non-overlapping windows of ``ids``.
 
-    Returns (sum of NLL, number of windows, number of predicted tokens).
+    With ``bos`` each window is ``bos`` + ``seq_len - 1`` tokens of ``ids``. Returns (sum of
+    NLL, number of windows, number of predicted tokens).
     """
     if seq_len < 2:
         raise UserError(f"--seq-len must be at least 2 (got {seq_len})")
-    n = ids.numel() // seq_len
+    body = seq_len if bos is None else seq_len - 1
+    n = ids.numel() // body
     if n == 0:
         raise UserError(f"the corpus has {ids.numel()} tokens, fewer than one window of "
                         f"{seq_len}; lower --seq-len")
@@ -94,7 +102,9 @@ def window_nll(model, ids: torch.Tensor, seq_len: int, limit: int | None = None,
         if limit < 1:
             raise UserError(f"--limit must be at least 1 (got {limit})")
         n = min(n, limit)
-    windows = ids[: n * seq_len].view(n, seq_len)
+    windows = ids[: n * body].view(n, body)
+    if bos is not None:
+        windows = torch.cat([torch.full((n, 1), bos, dtype=windows.dtype), windows], dim=1)
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64)
     from tqdm.auto import tqdm
@@ -113,11 +123,12 @@ def perplexity(model, corpus: Corpus, seq_len: int, limit: int | None = None,
                batch_size: int = 4, progress: bool = False) -> dict:
     """``{"ppl", "nll", "seq_len", "windows", "tokens", "source", ...}`` for one corpus."""
     start = time.perf_counter()
-    total, windows, tokens = window_nll(model, corpus.ids, seq_len, limit, batch_size, progress)
+    total, windows, tokens = window_nll(model, corpus.ids, seq_len, limit, batch_size, progress,
+                                        corpus.bos)
     nll = total / tokens
     wall = time.perf_counter() - start
     return {"ppl": math.exp(nll), "nll": nll, "seq_len": seq_len, "windows": windows,
-            "tokens_predicted": tokens, "first_token_predicted": False,
+            "tokens_predicted": tokens, "window_start": window_start(corpus.bos),
             "source": corpus.source, "wall_s": round(wall, 2),
             "windows_per_s": round(windows / wall, 4) if wall > 0 else None}
 

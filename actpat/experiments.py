@@ -175,6 +175,7 @@ def _activation_counts(ctx: _Context, lm):
         meta = {"model": lm.identity, "dataset": COUNTS_CALIBRATION,
                 "split": CALIBRATION_SPLITS[COUNTS_CALIBRATION], "data_source": calib.source,
                 "seq_len": s.calib_seq_len, "seed": 0, "sample_indices": calib.indices,
+                "window_start": calib.window_start,
                 "purpose": "activation counts for the activation allocation"}
         compute_profile(lm, seqs, s.batch_size, meta=meta, progress=s.progress).save(run)
     ctx.counts = activation_counts(profile_dir=str(run), lm=lm, gamma_quantile=s.gamma_quantile)
@@ -216,7 +217,8 @@ def run_config(ctx: _Context, cfg: Config) -> dict:
         if calib is not None:
             record["calibration"] = {"dataset": cfg.calibration, "source": calib.source,
                                      "samples": len(calib.sequences),
-                                     "seq_len": s.calib_seq_len, "seed": cfg.seed}
+                                     "seq_len": s.calib_seq_len, "seed": cfg.seed,
+                                     "window_start": calib.window_start}
         sparsities, info = layer_sparsities(ctx, lm, cfg, calib)
         report = prune_model(lm.model, None if calib is None else calib.sequences, sparsities,
                              cfg.pruner, cfg.pattern, batch_size=s.batch_size,

@@ -138,6 +138,7 @@ def reproduce_similarity(lm: LoadedModel, out, datasets=FINDING2_DATASETS, pairs
         "num_layers": len(comparisons[0]["per_pair"][0]) if ks else None,
         "matrix_types": list(comparisons[0]["per_matrix"]) if ks else [],
         "datasets": {d: {"source": s.source, "split": s.split, "sample_indices": s.indices,
+                         "window_start": s.window_start,
                          "tokens": sum(len(x) for x in s.sequences)} for d, s in samples.items()},
         "comparisons": comparisons,
         "timing": {"seconds": round(seconds, 2), "samples_scored": scored_now,

@@ -64,6 +64,7 @@ def load_calibration(args, lm):
 def calibration_info(args, samples) -> dict:
     return {"dataset": samples.dataset, "split": samples.split, "source": samples.source,
             "samples": len(samples.sequences), "seq_len": args.seq_len,
+            "window_start": samples.window_start,
             "exclude_first": args.exclude_first, "indices": samples.indices}
 
 

@@ -103,7 +103,8 @@ def _profile(args, ctx, lm, out, budget) -> int:
                                args.split, args.data_dir, args.text_field, args.template)
     meta = {"model": lm.identity, "dataset": args.dataset, "split": samples.split,
             "data_source": samples.source, "seq_len": args.seq_len, "seed": args.seed,
-            "sample_indices": samples.indices, "dtype": args.dtype,
+            "sample_indices": samples.indices, "window_start": samples.window_start,
+            "dtype": args.dtype,
             "device": str(input_device(lm.model))}
     if args.device_map:
         meta["device_map"] = lm.identity.get("device_map")

@@ -201,7 +201,7 @@ def _fig1(args) -> int:
                                  data_dir=args.data_dir)
             meta = {"model": lm.identity, "dataset": d, "split": s.split,
                     "data_source": s.source, "seq_len": args.seq_len, "seed": args.seed,
-                    "sample_indices": s.indices}
+                    "sample_indices": s.indices, "window_start": s.window_start}
             compute_profile(lm, s.sequences, args.batch_size, meta=meta,
                             progress=not args.quiet).save(run_dir)
         prof = Profile.load(run_dir)

@@ -102,6 +102,7 @@ def similarity_run(lm, datasets: list[str], pairs: int, seq_len: int, seed: int 
         "seq_len": seq_len, "seed": seed, "pairs": pairs,
         "num_layers": len(first["per_pair"][0]), "matrix_types": list(first["per_matrix"]),
         "datasets": {d: {"source": s.source, "split": s.split, "sample_indices": s.indices,
+                         "window_start": s.window_start,
                          "tokens": sum(len(x) for x in s.sequences)} for d, s in samples.items()},
         "comparisons": comparisons,
         "timing": {"seconds": round(seconds, 2), "samples_scored": scored,
