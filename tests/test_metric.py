@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from actpat.metric import MeanAccumulator, pad_batch, score_batch
-from actpat.models import scored_matrices
-from reference import autograd_activations, summed_then_abs
+from helpers import max_rel_err, random_sequences
+from reference import autograd_activations, linear_modules, summed_then_abs
 from tiny import ARCHS, VOCAB, tiny_model
 
 LENGTHS = [5, 11, 3, 8, 13, 6, 9, 4]
@@ -18,16 +18,6 @@ def batched(model, seqs, batch_size, objective="max-logit", pad_id=0):
         score_batch(model, ids, mask, [acc], objective)
     assert acc.count == len(seqs)
     return acc.mean()
-
-
-def max_rel_err(got, ref):
-    assert got.keys() == ref.keys()
-    return max(((got[k] - ref[k]).norm() / ref[k].norm()).item() for k in ref)
-
-
-def random_sequences(lengths, vocab, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -69,9 +59,12 @@ def test_padding_value_does_not_matter():
 def test_activations_have_the_weight_layout():
     model = tiny_model("gpt2")  # Conv1D stores (in, out)
     got = batched(model, random_sequences([4, 5], VOCAB), 2)
-    for m in scored_matrices(model):
-        assert got[m.name].shape == m.module.weight.shape
-        assert got[m.name].dtype == torch.float32
+    mods = linear_modules(model)
+    assert set(got) == set(mods)
+    for name, (_, _, module) in mods.items():
+        assert got[name].shape == module.weight.shape
+        assert got[name].dtype == torch.float32
+    assert got["transformer.h.0.attn.c_attn"].shape == (32, 96)  # (in, out) as stored
 
 
 @pytest.mark.slow

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from actpat.errors import UserError
-from actpat.models import get_adapter, load_model, scored_matrices
+from actpat.models import load_model, scored_matrices
 from actpat.profile import Profile, compute_profile
+from helpers import LM
+from reference import decoder_layer_list, linear_modules
 from tiny import ARCHS, tiny_model
 
 EXPECTED = {
@@ -31,12 +33,24 @@ def test_adapter_finds_every_linear_matrix_of_each_layer(arch):
     assert [m.matrix for m in mats] == EXPECTED[arch] * n_layers
     assert [m.layer for m in mats] == sorted(m.layer for m in mats)
     params = dict(model.named_parameters())
+    mods = linear_modules(model)  # found without the adapter
+    assert {m.name for m in mats} == set(mods)
+    g = torch.Generator().manual_seed(0)
     for m in mats:
         assert params[f"{m.name}.weight"] is m.module.weight
-        assert m.weight.shape[1] == m.weight.shape[1]
+        assert mods[m.name][:2] == (m.layer, m.matrix)
+        # m.weight is (out, in) whatever the storage: the module computes x @ W^T + b
+        x = torch.randn(3, m.weight.shape[1], generator=g)
+        bias = getattr(m.module, "bias", None)
+        want = x @ m.weight.t() + (0 if bias is None else bias)
+        with torch.no_grad():
+            assert torch.allclose(m.module(x), want, atol=1e-6), m.name
+        assert m.transposed == (arch == "gpt2")  # only GPT-2's Conv1D stores (in, out)
+        if m.transposed:
+            assert m.weight.shape == m.module.weight.shape[::-1]
     # every non-embedding 2-D weight inside the decoder layers is scored (nothing forgotten)
     scored = {f"{m.name}.weight" for m in mats}
-    layer_prefix = get_adapter(model).layers + "."
+    layer_prefix = decoder_layer_list(model)[0] + "."
     matrices_in_layers = {n for n, p in params.items()
                           if n.startswith(layer_prefix) and p.dim() == 2}
     assert matrices_in_layers == scored
@@ -45,18 +59,12 @@ def test_adapter_finds_every_linear_matrix_of_each_layer(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_profile_keys_and_shapes_match_the_model(arch, tmp_path):
     model = tiny_model(arch)
-
-    class LM:  # the parts of LoadedModel that compute_profile uses
-        pass
-
-    lm = LM()
-    lm.model, lm.tokenizer = model, type("T", (), {"pad_token_id": 0})()
     seqs = [[5, 6, 7, 8], [9, 10, 11]]
-    prof = compute_profile(lm, seqs, batch_size=2, progress=False)
+    prof = compute_profile(LM(model), seqs, batch_size=2, progress=False)
     prof.save(tmp_path)
     back = Profile.load(tmp_path)
-    weights = {m.name: m.module.weight for m in scored_matrices(model)}
-    assert list(back.maps) == list(weights)
+    weights = {name: m.weight for name, (_, _, m) in linear_modules(model).items()}
+    assert set(back.maps) == set(weights)
     for name, w in weights.items():
         assert back.maps[name].shape == w.shape
         assert torch.equal(back.maps[name], prof.maps[name])
@@ -79,13 +87,20 @@ def test_unknown_local_path_is_a_user_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_gguf_cache_reload_matches_the_dequantised_gguf(smollm2):
+def test_gguf_cache_reload_matches_the_dequantised_gguf(smollm2, smollm2_gguf):
     """The cached float32 copy gives the same logits as a fresh GGUF load (tied head, rotary)."""
     import os
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = smollm2.identity["path"]
+    assert path == str(smollm2_gguf)
+    # the copy was made in this session's temporary cache, not read from the user's
+    cached = Path(smollm2.model.config._name_or_path)
+    assert cached.resolve().is_relative_to(Path(os.environ["ACTPAT_CACHE_DIR"]).resolve())
+    # found without the adapter: 30 layers x 7 linear matrices, all scored
+    assert {m.name for m in scored_matrices(smollm2.model)} == set(linear_modules(smollm2.model))
+    assert len(linear_modules(smollm2.model)) == 30 * 7
     directory, name = os.path.split(path)
     fresh = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
     fresh_tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)

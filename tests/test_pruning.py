@@ -13,13 +13,12 @@ from actpat.errors import UserError
 from actpat.models import decoder_layers, scored_matrices
 from actpat.pruning import (PRUNE_RECORD, capture_layer_inputs, load_record, nm_mask,
                             parse_pattern, prune_model, row_mask, save_pruned, sparsegpt_prune)
-from tiny import ARCHS, VOCAB, tiny_model
+from transformers.pytorch_utils import Conv1D
+
+from helpers import calib, fail
+from reference import linear_modules, out_in
+from tiny import ARCHS, tiny_model
 from tinylm import CHARS, SPECIAL, char_tokenizer, save_tiny_lm
-
-
-def calib(n=7, t=24, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (n, t), generator=g).tolist()
 
 
 def by_layer(model):
@@ -34,21 +33,25 @@ def by_layer(model):
 
 def naive_wanda(model, seqs, sparsities, nm=None):
     """Wanda by plain loops: for each layer, one full forward of the (partly pruned) model with
-    hooks recording the layer's matrix inputs, then per-row sorting of |W| * ||X_j||."""
+    hooks recording the layer's matrix inputs, then per-row sorting of |W| * ||X_j||. Modules
+    are found with plain torch (reference.linear_modules), not with actpat's adapters."""
     ids = torch.tensor(seqs)
-    for layer, mats in by_layer(model).items():
-        inputs = {m.name: [] for m in mats}
-        hooks = [m.module.register_forward_hook(
-            lambda mod, inp, out, name=m.name: inputs[name].append(inp[0].detach()))
-            for m in mats]
+    layers: dict[int, dict] = {}
+    for name, (i, _, module) in linear_modules(model).items():
+        layers.setdefault(i, {})[name] = module
+    for layer, mats in sorted(layers.items()):
+        inputs = {name: [] for name in mats}
+        hooks = [module.register_forward_hook(
+            lambda mod, inp, out, name=name: inputs[name].append(inp[0].detach()))
+            for name, module in mats.items()]
         with torch.no_grad():
             model(ids)
         for h in hooks:
             h.remove()
-        for m in mats:
-            x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[m.name]]).double()
+        for name, module in mats.items():
+            x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[name]]).double()
             norm = x.norm(dim=0)
-            w = m.weight.detach().double()
+            w = out_in(module).detach().double()
             rows, cols = w.shape
             mask = torch.zeros(rows, cols, dtype=torch.bool)
             for r in range(rows):
@@ -63,8 +66,8 @@ def naive_wanda(model, seqs, sparsities, nm=None):
                     for _, j in sorted(score)[:k]:
                         mask[r, j] = True
             with torch.no_grad():
-                weight = m.module.weight
-                weight[mask.t() if m.transposed else mask] = 0.0
+                weight = module.weight
+                weight[mask.t() if isinstance(module, Conv1D) else mask] = 0.0
     return model
 
 
@@ -270,6 +273,17 @@ def test_save_reload_gives_same_logits(arch, tmp_path):
     ids = torch.tensor(calib(3, 20, seed=5))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
+    # ... and through actpat's own loader (what `actpat eval --model DIR` uses)
+    from actpat.models import load_model
+
+    lm = load_model(str(tmp_path / "out"), "cpu")
+    assert type(lm.model) is type(model) and lm.identity["path"] == str(tmp_path / "out")
+    for a, b in zip(scored_matrices(model), scored_matrices(lm.model)):
+        assert torch.equal(a.module.weight, b.module.weight), a.name
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, lm.model(ids).logits)
+    text = "a pruned model"
+    assert lm.tokenizer(text)["input_ids"] == char_tokenizer()(text)["input_ids"]
     rec = load_record(tmp_path / "out")
     assert rec["pruner"] == "sparsegpt"
     assert rec["achieved_sparsity"] == pytest.approx(0.55, abs=0.01)
@@ -299,47 +313,49 @@ def test_qa_calibration_skips_evaluated_rows(tmp_path):
         calibration_sequences(tok, str(path), 100, 40, seed=1, exclude_first=20)
 
 
-def test_qa_calibration_appends_gold_answers(data_dir):
+def test_qa_calibration_appends_gold_answers(any_data):
     from actpat.data import load_records
 
     tok = char_tokenizer()
-    s = calibration_sequences(tok, "boolq", 40, 64, seed=0, data_dir=data_dir, exclude_first=200)
-    rows = load_records("boolq", None, data_dir).rows
+    s = calibration_sequences(tok, "boolq", 40, 64, seed=0, data_dir=any_data, exclude_first=200)
+    rows = load_records("boolq", None, any_data).rows
     text = "".join(_decode(x) for x in s.sequences)
     assert "Answer: yes" in text or "Answer: no" in text  # ("\\n" is <unk> here)
-    assert all(r["question"] not in text for r in rows[:200] if len(r["question"]) > 30)
+    assert all(r["question"] not in text for r in rows[:200] if len(r["question"]) > 20)
+    assert any(r["question"] in text for r in rows[200:] if len(r["question"]) > 20)
 
 
-# --------------------------------------------------------------------------- command line
-
-
-def test_cli_prune_tiny_model(tmp_path, data_dir):
+def test_cli_prune_tiny_model(tmp_path, any_data, capsys):
     from transformers import AutoModelForCausalLM
 
     model_dir = save_tiny_lm(tmp_path / "tiny")
     out = tmp_path / "pruned"
     rc = main(["prune", "--model", model_dir, "--sparsity", "0.5", "--pruner", "wanda",
                "--allocation", "owl", "--calibration", "c4", "--calibration-samples", "4",
-               "--seq-len", "48", "--save", str(out), "--data-dir", data_dir, "--quiet",
+               "--seq-len", "48", "--save", str(out), "--data-dir", any_data, "--quiet",
                "--device", "cpu"])
     assert rc == 0
     rec = json.loads((out / PRUNE_RECORD).read_text())
     assert rec["pruner"] == "wanda" and rec["allocation"]["method"] == "owl"
     assert len(rec["layer_sparsities"]) == 2
     assert rec["calibration"]["samples"] == 4 and rec["calibration"]["seq_len"] == 48
+    assert rec["calibration"]["source"].startswith(f"local:{any_data}")
     assert rec["achieved_sparsity"] == pytest.approx(0.5, abs=0.02)
     model = AutoModelForCausalLM.from_pretrained(out)
     zeros = [float((m.weight == 0).float().mean()) for m in scored_matrices(model)]
     assert sum(zeros) / len(zeros) == pytest.approx(0.5, abs=0.05)
-    # bad input: exit code 2, one line
-    bad = ["prune", "--model", model_dir, "--save", str(tmp_path / "x"), "--data-dir", data_dir]
-    assert main(bad + ["--sparsity", "1.0"]) == 2
-    assert main(bad + ["--sparsity", "0.5", "--pattern", "3:2"]) == 2
-    assert main(bad + ["--sparsity", "0.5", "--pattern", "2:4", "--allocation", "owl"]) == 2
+    # bad input: exit code 2, one line naming the problem
+    bad = ["prune", "--model", model_dir, "--save", tmp_path / "x", "--data-dir", any_data]
+    assert "[0, 1)" in fail(capsys, *bad, "--sparsity", "1.0")
+    assert "3:2" in fail(capsys, *bad, "--sparsity", "0.5", "--pattern", "3:2")
+    msg = fail(capsys, *bad, "--sparsity", "0.5", "--pattern", "2:4", "--allocation", "owl")
+    assert "--allocation uniform" in msg
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("keep")
-    assert main(["prune", "--model", model_dir, "--sparsity", "0.5", "--save",
-                 str(tmp_path / "other"), "--data-dir", data_dir]) == 2  # foreign files
+    msg = fail(capsys, "prune", "--model", model_dir, "--sparsity", "0.5", "--save",
+               tmp_path / "other", "--data-dir", any_data)  # foreign files
+    assert "notes.txt" in msg and "--overwrite" in msg
+    assert (tmp_path / "other" / "notes.txt").read_text() == "keep"
 
 
 @pytest.mark.slow
