@@ -11,15 +11,13 @@ from actpat.models import LoadedModel
 from actpat.profile import Profile, compute_profile
 from actpat.similarity import (cosine, dataset_similarity, group_similarity, pair_similarity,
                                profile_layer_similarity, relate_bands)
+from helpers import CharTok, PadTok, fail
+from reference import abs_cosine, autograd_activations, layer_cosines, matrix_cosines
 from tiny import ARCHS, VOCAB, tiny_model
 
 
-class _Tok:
-    pad_token_id = 0
-
-
 def _lm(arch, seed=0):
-    return LoadedModel(tiny_model(arch, seed), _Tok(), arch, {"spec": arch})
+    return LoadedModel(tiny_model(arch, seed), PadTok(), arch, {"spec": arch})
 
 
 def _seqs(n, seed=0, lo=3, hi=12):
@@ -27,32 +25,35 @@ def _seqs(n, seed=0, lo=3, hi=12):
     return [[rng.randrange(1, VOCAB) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-def _direct(lm, a, b, tmp_path):
-    """Per-layer sim from two saved single-sample profiles (the mean of one sample is itself)."""
-    profs = []
-    for k, s in enumerate((a, b)):
-        compute_profile(lm, [s], batch_size=1, progress=False).save(tmp_path / f"p{k}")
-        profs.append(Profile.load(tmp_path / f"p{k}"))
-    per_layer = profile_layer_similarity(*profs)
-    return per_layer, profs
-
-
 @pytest.mark.parametrize("arch", ARCHS)
-def test_pair_sim_matches_saved_profiles(arch, tmp_path):
+def test_pair_sim_matches_plain_autograd(arch):
+    """Each pair's per-layer (and per-matrix) similarity equals the cosine of the two samples'
+    activation maps from plain per-sample autograd (reference.py)."""
     lm = _lm(arch)
     seqs = _seqs(6, seed=1)
     pairs = [(seqs[0], seqs[1]), (seqs[2], seqs[3]), (seqs[4], seqs[5])]
     got = pair_similarity(lm, pairs, pairs_per_batch=2)  # padding and batch neighbours included
     assert got.layer.shape == (3, 2)
     for k, (a, b) in enumerate(pairs):
-        want, profs = _direct(lm, a, b, tmp_path / str(k))
-        np.testing.assert_allclose(got.layer[k], want, rtol=0, atol=1e-6)
-        # per matrix type: the same cosine on that matrix alone
+        ma, mb = autograd_activations(lm.model, [a]), autograd_activations(lm.model, [b])
+        np.testing.assert_allclose(got.layer[k], layer_cosines(lm.model, ma, mb), rtol=0,
+                                   atol=1e-6)
+        want = matrix_cosines(lm.model, ma, mb)
+        assert set(got.matrix) == set(want)
         for t, v in got.matrix.items():
-            for i in range(2):
-                name = next(n for n in profs[0].maps
-                            if profs[0].layers[n] == i and profs[0].matrices[n] == t)
-                assert abs(v[k, i] - cosine(profs[0].maps[name], profs[1].maps[name])) < 1e-6
+            np.testing.assert_allclose(v[k], want[t], rtol=0, atol=1e-6)
+
+
+def test_saved_single_sample_profiles_give_the_same_similarity(tmp_path):
+    """profile_layer_similarity of two saved one-sample profiles == the pair similarity."""
+    lm = _lm("llama")
+    a, b = _seqs(2, seed=7)
+    profs = []
+    for k, s in enumerate((a, b)):
+        compute_profile(lm, [s], batch_size=1, progress=False).save(tmp_path / f"p{k}")
+        profs.append(Profile.load(tmp_path / f"p{k}"))
+    np.testing.assert_allclose(profile_layer_similarity(*profs),
+                               pair_similarity(lm, [(a, b)]).layer[0], rtol=0, atol=1e-6)
 
 
 def test_symmetric_identity_and_range():
@@ -73,8 +74,9 @@ def test_symmetric_identity_and_range():
 def test_cosine_definition():
     a = torch.tensor([1.0, -2.0, 0.0, 3.0], dtype=torch.float64)
     b = torch.tensor([0.5, 1.0, 4.0, -1.0], dtype=torch.float64)
-    want = (abs(a) * abs(b)).sum() / (a.norm() * b.norm())
-    assert abs(cosine(a, b) - float(want)) < 1e-12
+    # by hand: (0.5 + 2 + 0 + 3) / (sqrt(14) * sqrt(18.25))
+    assert abs(cosine(a, b) - 5.5 / (14 ** 0.5 * 18.25 ** 0.5)) < 1e-12
+    assert abs(abs_cosine(a, b) - 5.5 / (14 ** 0.5 * 18.25 ** 0.5)) < 1e-12
     assert np.isnan(cosine(torch.zeros(3), torch.ones(3)))
 
 
@@ -91,18 +93,29 @@ def test_group_similarity_equals_pairwise():
     assert res.samples_scored == 12
 
 
-def test_memory_flat_in_pairs():
-    """The sink keeps only a B x B Gram matrix per layer, whatever the number of pairs."""
-    from actpat.metric import pad_batch, score_batch
-    from actpat.similarity import GramSink
+def test_memory_flat_in_pairs(monkeypatch):
+    """What the sink holds while scoring (B x B Gram matrices per layer and per matrix type)
+    does not grow with the number of pairs: 2, 6 and 12 pairs, 2 pairs per batch."""
+    import actpat.similarity as S
 
+    real_add, held = S.GramSink.add, []
+
+    def add(self, matrix, acts):
+        real_add(self, matrix, acts)
+        held.append(sum(t.numel() for t in (*self.layer.values(), *self.matrix.values())))
+
+    monkeypatch.setattr(S.GramSink, "add", add)
     lm = _lm("llama")
-    sink = GramSink()
-    seqs = _seqs(4)
-    ids, mask = pad_batch(seqs, 0)
-    score_batch(lm.model, ids, mask, [sink])
-    g = sink.pop()
-    assert g.layer.shape == (2, 4, 4) and not sink.layer and not sink.matrix
+    peaks = {}
+    for n in (2, 6, 12):
+        held.clear()
+        seqs = _seqs(2 * n, seed=n)
+        res = pair_similarity(lm, list(zip(seqs[:n], seqs[n:])), pairs_per_batch=2)
+        assert res.layer.shape == (n, 2)
+        assert len(held) == 14 * ((n + 1) // 2)  # every matrix of every batch went through it
+        peaks[n] = max(held)
+    # 2 layers + 7 types x 2 layers, each a 4 x 4 Gram matrix: the same for every n
+    assert peaks == {2: (2 + 14) * 16, 6: (2 + 14) * 16, 12: (2 + 14) * 16}
 
 
 def test_dataset_similarity_and_bands(tmp_path):
@@ -137,17 +150,8 @@ def test_relate_command(tmp_path, capsys):
     assert set(data["bands"]) >= {"all", "shallow", "deep", "custom"}
     assert data["reference"] == "c4" and len(data["ranking"]["deep"]) == 2
     assert (tmp_path / "h.png").stat().st_size > 0
-    assert main(["relate", runs[0], "--json", str(out)]) == 2  # one run is no matrix
-    assert main(["relate", *runs, "--layers", "5:9"]) == 2
-
-
-class _CharTok:
-    """Characters to ids, enough for ``sample_sequences`` on local files."""
-
-    pad_token_id = 0
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": [1 + ord(c) % (VOCAB - 1) for c in text]}
+    assert "at least two" in fail(capsys, "relate", runs[0], "--json", out)  # one run: no matrix
+    assert "5:9" in fail(capsys, "relate", *runs, "--layers", "5:9")
 
 
 def test_similarity_run_within_cross_and_all(tmp_path):
@@ -158,7 +162,7 @@ def test_similarity_run_within_cross_and_all(tmp_path):
         f = tmp_path / f"d{k}.txt"
         f.write_text("".join(f"text {k} number {i} " * (1 + i % 3) + "\n" for i in range(6)))
         files.append(str(f))
-    lm = LoadedModel(tiny_model("llama"), _CharTok(), "llama", {"spec": "tiny"})
+    lm = LoadedModel(tiny_model("llama"), CharTok(VOCAB, offset=1), "llama", {"spec": "tiny"})
     one = similarity_run(lm, files[:1], pairs=2, seq_len=16, progress=False)
     (c,) = one["comparisons"]
     assert c["kind"] == "within" and c["pairs"] == [[0, 2], [1, 3]]
@@ -184,8 +188,6 @@ def test_similarity_end_to_end_smollm2(tmp_path, smollm2, data_dir):
     equals the cosine of plain-autograd activations of the two samples, scored one at a time."""
     from actpat.cli import main
     from actpat.data import sample_sequences
-    from actpat.models import scored_matrices
-    from reference import autograd_activations
 
     out = tmp_path / "run"
     rc = main(["similarity", "--model", "smollm2-135m", "--dataset", "boolq", "--dataset", "c4",
@@ -200,11 +202,8 @@ def test_similarity_end_to_end_smollm2(tmp_path, smollm2, data_dir):
     assert got.shape == (2, 30) and (got > 0).all() and (got < 1).all()
     seqs = {d: sample_sequences(smollm2.tokenizer, d, 2, 24, 0, None, str(data_dir)).sequences
             for d in ("boolq", "c4")}
-    layer_of = {m.name: m.layer for m in scored_matrices(smollm2.model)}
     a = autograd_activations(smollm2.model, [seqs["boolq"][0]])
     b = autograd_activations(smollm2.model, [seqs["c4"][0]])
-    want = [cosine(torch.cat([a[n].flatten() for n in a if layer_of[n] == i]),
-                   torch.cat([b[n].flatten() for n in b if layer_of[n] == i]))
-            for i in range(30)]
+    want = layer_cosines(smollm2.model, a, b)
     np.testing.assert_allclose(got[0], want, rtol=0, atol=1e-5)
     assert (out / "similarity_boxes.png").stat().st_size > 0
