@@ -94,7 +94,7 @@ def test_sts_statistics_bands_and_baselines():
     json.dumps(res, allow_nan=False)  # valid JSON: no NaN
 
 
-def test_load_pairs(tmp_path, data_dir):
+def test_load_pairs(tmp_path, data_dir):  # real STS-B / SICK sizes and fields
     f = tmp_path / "p.jsonl"
     rows = [{"x": f"a{i}", "y": f"b{i}", "s": i * 0.5} for i in range(6)]
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -133,15 +133,18 @@ def test_hidden_state_baseline_matches_unbatched():
     np.testing.assert_allclose(got["hidden-mean"][1], 1.0, atol=1e-6)
 
 
-def test_sts_bad_input(tmp_path):
-    from actpat.cli import main
+def test_sts_bad_input(tmp_path, capsys):
+    from helpers import fail
 
     f = tmp_path / "p.jsonl"
     f.write_text(json.dumps({"a": "x", "b": "y", "s": 1}) + "\n")
-    assert main(["sts", "--model", "smollm2-135m", "--dataset", str(f), "--pair-fields", "a,b",
-                 "--out", str(tmp_path / "r")]) == 2
-    assert main(["sts", "--model", "smollm2-135m", "--dataset", str(f), "--pair-fields", "a,b,s",
-                 "--out", str(tmp_path / "r")]) == 2  # one pair: too few
+    msg = fail(capsys, "sts", "--model", "smollm2-135m", "--dataset", f, "--pair-fields", "a,b",
+               "--out", tmp_path / "r")
+    assert "--pair-fields 'a,b' must name three fields" in msg
+    msg = fail(capsys, "sts", "--model", "smollm2-135m", "--dataset", f, "--pair-fields",
+               "a,b,s", "--out", tmp_path / "r")  # one pair: too few
+    assert "too few for a rank correlation" in msg and "at least 3" in msg
+    assert not (tmp_path / "r" / "sts.json").exists()
 
 
 @pytest.mark.slow
