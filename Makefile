@@ -2,7 +2,13 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-export ACTPAT_DATA_DIR ?= $(abspath ../shared/data)
+# The benchmark subsets beside a development checkout, when they are there; a user's clone has
+# none, and actpat then reads the hub, or the packaged texts when the hub cannot be reached.
+ifeq ($(origin ACTPAT_DATA_DIR),undefined)
+ifneq ($(wildcard ../shared/data/.),)
+export ACTPAT_DATA_DIR := $(abspath ../shared/data)
+endif
+endif
 
 .PHONY: setup demo test test-fast bench clean
 
@@ -19,10 +25,10 @@ demo: setup
 	$(BIN)/actpat demo --out runs/demo
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -rs tests
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -rs -m "not slow" tests
 
 bench: setup
 	$(BIN)/python benchmarks/run.py

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .hub import OFFLINE_FIX, endpoint, prepare_hub
 
 
 @dataclass(frozen=True)
@@ -152,17 +153,31 @@ def load_records(dataset: str, split: str | None = None, data_dir: str | None = 
     return _load_hub(spec, split, data_dir)
 
 
+def require_records(dataset: str, split: str | None = None, data_dir: str | None = None) -> None:
+    """Fail now, before a model is loaded, when a dataset can be read from nowhere.
+
+    Local files are small and read again later; hub datasets come from the datasets cache the
+    second time."""
+    load_records(dataset, split, data_dir)
+
+
 def _load_hub(spec: DatasetSpec, split: str, data_dir: str | None) -> Records:
     where = f"{data_dir}/{spec.name}/{split}.jsonl" if data_dir else "no --data-dir given"
     if spec.hub is None:
         raise UserError(f"dataset '{spec.name}' has no split '{split}' ({where})")
     repo, config = spec.hub
+    reachable = prepare_hub()  # unreachable: the datasets cache only, no retries
     try:
         import datasets
 
         kwargs = dict(spec.hub_kwargs)
         ds = datasets.load_dataset(repo, config, split=split, **kwargs)
     except Exception as e:  # network, missing split, missing repo: one line for the user
+        if not reachable:
+            raise UserError(f"dataset '{spec.name}' split '{split}': no local copy ({where}), "
+                            f"not in the datasets cache, and the hub ({endpoint()}) cannot be "
+                            f"reached; point --data-dir / ACTPAT_DATA_DIR at a folder with "
+                            f"{spec.name}/{split}.jsonl, or {OFFLINE_FIX}") from None
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UserError(
             f"dataset '{spec.name}' split '{split}': no local copy ({where}) and the hub "

@@ -30,15 +30,15 @@ Every result states its data source and its size (``seq_len`` + ``windows``, or 
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .data import corpus_text, default_data_dir, window_bos, window_start
+from .data import corpus_text, default_data_dir, require_records, window_bos, window_start
 from .errors import UserError
+from .hub import OFFLINE_FIX, endpoint, prepare_hub
 from .tasks import TASKS
 
 PERPLEXITY_SPLITS = {"wikitext2": "test", "c4": "validation"}
@@ -148,6 +148,22 @@ def task_config(name: str, data_dir: str | None = None) -> tuple[dict, str]:
     return task.hub_config(), f"hub:{repo}" + (f"/{config}" if config else "")
 
 
+def _require_source(task: str, source: str, data_dir: str | None) -> None:
+    if source.startswith("hub:") and not prepare_hub():
+        raise UserError(f"task '{task}': no local {task}/{TASKS[task].split}.jsonl under "
+                        f"--data-dir ({data_dir}) and the hub ({endpoint()}) cannot be "
+                        f"reached; point --data-dir at the data folder, or {OFFLINE_FIX}")
+
+
+def require_tasks(tasks: list[str], data_dir: str | None = None) -> None:
+    """Fail now, before a model is loaded, when a task's data can be read from nowhere."""
+    for name in tasks:
+        if name in PERPLEXITY_SPLITS:
+            require_records(name, PERPLEXITY_SPLITS[name], data_dir)
+        else:
+            _require_source(name, task_config(name, data_dir)[1], data_dir)
+
+
 def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None,
               batch_size: int = 4, data_dir: str | None = None,
               log_samples: bool = False) -> dict:
@@ -173,10 +189,7 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None,
     configs, sources = {}, {}
     for name in tasks:
         configs[name], sources[name] = task_config(name, data_dir)
-        if sources[name].startswith("hub:") and os.environ.get("HF_DATASETS_OFFLINE") == "1":
-            raise UserError(f"task '{name}': no local {name}/{TASKS[name].split}.jsonl under "
-                            f"--data-dir ({data_dir}) and HF_DATASETS_OFFLINE=1; "
-                            "point --data-dir at the data folder")
+        _require_source(name, sources[name], data_dir)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
               device=str(next(model.parameters()).device))
     start = time.perf_counter()

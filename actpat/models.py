@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,8 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .gguf_header import check_loadable
+from .hub import OFFLINE_FIX, endpoint, prepare_hub
 
 # --------------------------------------------------------------------------- adapters
 
@@ -215,14 +218,12 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from an alias, a .gguf path, a directory or a hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a 1-second load needs no bar; keeps stderr readable
     resolved = resolve_spec(spec)
     torch_dtype = parse_dtype(dtype)
     identity = {"spec": spec, "path": resolved}
     if resolved.endswith(".gguf"):
+        if Path(resolved).is_dir():
+            raise UserError(f"GGUF path {resolved} is a directory; give the .gguf file itself")
         if not Path(resolved).is_file():
             raise UserError(f"GGUF file not found: {resolved}; check the path")
         directory, identity["sha256"] = gguf_to_safetensors(resolved)
@@ -235,6 +236,14 @@ def load_model(
         )
     else:
         directory = resolved  # a hub id
+        if not prepare_hub() and not _in_hub_cache(resolved):  # fail now, not after retries
+            raise UserError(f"model '{spec}' is not in the local Hugging Face cache and the hub "
+                            f"({endpoint()}) cannot be reached; use an alias "
+                            f"({', '.join(ALIASES)}), or {OFFLINE_FIX}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a 1-second load needs no bar; keeps stderr readable
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -261,30 +270,71 @@ def load_model(
     return LoadedModel(model, tokenizer, spec, identity)
 
 
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether a hub model's config is in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
 def gguf_to_safetensors(gguf_path: str) -> tuple[str, str]:
-    """Dequantise a GGUF file once into a float32 HF directory under the cache; return its path."""
+    """Dequantise a GGUF file once into a float32 HF directory under the cache; return its path.
+
+    The entry is written in a temporary folder and renamed into place whole; ``actpat_source.json``,
+    written last, lists every file's size, and an entry whose files do not match it is rebuilt."""
     digest = file_hash(gguf_path)
     target = cache_dir() / "gguf" / digest[:32]
-    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+    if _cache_entry_ok(target):
         return str(target), digest
+    check_loadable(gguf_path)  # one line for a corrupt, truncated or unloadable file, in a second
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory, name = os.path.split(os.path.abspath(gguf_path))
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name,
+                                                     dtype=torch.float32)
+    except Exception as e:  # transformers' GGUF reader raises many kinds; all mean "this file"
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"transformers cannot load GGUF file {gguf_path} ({first}); convert it "
+                        "to a Hugging Face directory and pass that") from None
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
     config = model.config.to_dict()
     config.pop("quantization_config", None)  # GGUF-loaded configs make save_pretrained refuse
     config["torch_dtype"] = config["dtype"] = "float32"
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     save_model(model, str(tmp / "model.safetensors"))  # handles the tied lm_head
     tokenizer.save_pretrained(tmp)
-    (tmp / "actpat_source.json").write_text(json.dumps({"gguf": gguf_path, "sha256": digest}))
-    if not target.exists():  # another process may have finished first
-        tmp.replace(target)
+    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+    (tmp / SOURCE_FILE).write_text(json.dumps({"gguf": gguf_path, "sha256": digest,
+                                               "files": files}))
+    if target.exists():  # an invalid entry, or another process finished first
+        if _cache_entry_ok(target):
+            shutil.rmtree(tmp)
+            return str(target), digest
+        shutil.rmtree(target)
+    tmp.replace(target)
     return str(target), digest
+
+
+SOURCE_FILE = "actpat_source.json"
+
+
+def _cache_entry_ok(target: Path) -> bool:
+    """Whether a dequantised cache entry is complete: every file it lists, at its size."""
+    try:
+        files = json.loads((target / SOURCE_FILE).read_text())["files"]
+        return "model.safetensors" in files and all(
+            (target / name).stat().st_size == size for name, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -50,15 +50,26 @@ def load_calibration(args, lm):
                         "tokens; lower --seq-len")
     if args.batch_size <= 0:
         raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
-    split = args.calibration_split
+    return calibration_sequences(lm.tokenizer, args.calibration, args.calibration_samples,
+                                 args.seq_len, args.seed, calibration_split(args),
+                                 args.data_dir, args.exclude_first)
+
+
+def calibration_split(args) -> str | None:
     from ..data import get_spec, is_path
 
+    split = args.calibration_split
     if not is_path(args.calibration) and get_spec(args.calibration).kind != "windows" \
             and split == "train":
         split = None  # QA sets: their usual split (the CLI default 'train' is c4's)
-    return calibration_sequences(lm.tokenizer, args.calibration, args.calibration_samples,
-                                 args.seq_len, args.seed, split, args.data_dir,
-                                 args.exclude_first)
+    return split
+
+
+def require_calibration(args) -> None:
+    """Fail before the model loads when the calibration data can be read from nowhere."""
+    from ..data import require_records
+
+    require_records(args.calibration, calibration_split(args), args.data_dir)
 
 
 def calibration_info(args, samples) -> dict:
@@ -132,8 +143,11 @@ def run(args) -> int:
     if args.model is not None:
         from ..models import load_model
 
+        needs_calib = args.method == "owl" or (args.method == "activation" and args.profile is None)
+        if needs_calib:
+            require_calibration(args)
         lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
-        if args.method == "owl" or (args.method == "activation" and args.profile is None):
+        if needs_calib:
             samples = load_calibration(args, lm)
     s, info = resolve_allocation(args, args.method, lm, samples)
     if samples is not None:

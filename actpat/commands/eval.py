@@ -25,7 +25,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..evaluation import evaluate, format_table, parse_tasks
+    from ..evaluation import evaluate, format_table, parse_tasks, require_tasks
     from ..models import load_model
     from ..profile import write_json
 
@@ -36,6 +36,7 @@ def run(args) -> int:
         raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
     if args.seq_len < 2:
         raise UserError(f"--seq-len must be at least 2 (got {args.seq_len})")
+    require_tasks(tasks, args.data_dir)
     lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     context = getattr(lm.model.config, "max_position_embeddings", None)
     if context and args.seq_len > context and any(t in ("wikitext2", "c4") for t in tasks):

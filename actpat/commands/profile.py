@@ -75,6 +75,9 @@ def _run(args, ctx, device, budget) -> int:
         prepare_out_dir(args.out, args.overwrite, owned=(PROFILE_FILE, SUMMARY_FILE, "checkpoint"))
     barrier(ctx)
     out = Path(args.out)
+    from ..data import require_records
+
+    require_records(args.dataset, args.split, args.data_dir)
     if args.device_map:
         import tempfile
 

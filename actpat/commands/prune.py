@@ -8,7 +8,7 @@ import time
 from ..cli import add_common
 from ..errors import UserError
 from .allocate import (add_allocation_arguments, add_calibration_arguments, calibration_info,
-                       load_calibration, resolve_allocation)
+                       load_calibration, require_calibration, resolve_allocation)
 
 HELP = "prune a model (wanda, sparsegpt, magnitude; unstructured or N:M) and save it"
 
@@ -54,10 +54,12 @@ def run(args) -> int:
     out = prepare_out_dir(args.save, args.overwrite, owned=OWNED)
     start = time.perf_counter()
     offload = getattr(args, "offload", "none") == "cpu"
-    lm = load_model(args.model, "cpu" if offload else args.device, args.dtype,
-                    args.trust_remote_code)
     needs_calib = pruner.stat is not None or args.allocation == "owl" or \
         (args.allocation == "activation" and args.profile is None)
+    if needs_calib:
+        require_calibration(args)
+    lm = load_model(args.model, "cpu" if offload else args.device, args.dtype,
+                    args.trust_remote_code)
     samples = load_calibration(args, lm) if needs_calib else None
     sparsities, alloc = resolve_allocation(args, args.allocation, lm, samples)
     if offload:

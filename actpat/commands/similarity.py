@@ -42,6 +42,10 @@ def run(args) -> int:
         raise UserError(f"--pairs-per-batch must be at least 1 (got {args.pairs_per_batch})")
     if len(set(args.dataset)) != len(args.dataset):
         raise UserError("a --dataset is given twice; for within-domain pairs give it once")
+    from ..data import require_records
+
+    for dataset in args.dataset:
+        require_records(dataset, args.split, args.data_dir)
     return run_pairs_command(
         args, OWNED, lambda lm, progress: similarity_run(
             lm, args.dataset, args.pairs, args.seq_len, args.seed, args.split, args.data_dir,
