@@ -16,24 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import fail, interrupted, ok, raise_on_call
 from tinylm import save_not_causal_lm, save_tiny_lm
 
 from actpat.cli import main
 
-PROGRESS = re.compile(r"(it/s\]|s/it\]|examples/s\]|Loading weights|Writing model|\d+%\|)")
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    """No network: the hub answers nothing, as on a machine without internet."""
-    import datasets.config
-    import huggingface_hub.constants
-
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        monkeypatch.setenv(var, "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+pytestmark = pytest.mark.usefixtures("offline")  # no network: the hub answers nothing
 
 
 @pytest.fixture(scope="module")
@@ -50,30 +38,6 @@ def work(tmp_path_factory):
     return root
 
 
-def fail(capsys, *argv) -> str:
-    """Run the command; assert exit 2, exactly one message line, no traceback; return it.
-
-    Progress bars of libraries (tqdm, carriage-return lines) may surround the message."""
-    rc = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    assert rc == 2, (rc, err)
-    msgs = re.findall(r"actpat \S+: error: [^\r\n]*", err)
-    assert len(msgs) == 1, err
-    assert msgs[0].startswith(f"actpat {argv[0]}: error: "), msgs[0]
-    rest = re.sub(r"actpat \S+: error: [^\r\n]*", "", err)
-    noise = [f for f in re.split(r"[\r\n]+", rest) if f.strip() and not PROGRESS.search(f)]
-    assert not noise, noise
-    return msgs[0]
-
-
-def ok(capsys, *argv) -> str:
-    rc = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    assert rc == 0, out.err
-    return out.out
-
-
 def profile_args(work, out, *extra):
     return ["profile", "--model", work / "model", "--dataset", work / "three.txt",
             "--samples", "2", "--seq-len", "32", "--device", "cpu", "--quiet", "--out", out,
@@ -86,10 +50,6 @@ def profile_run(work):
     out = work / "run"
     assert main([str(a) for a in profile_args(work, out)]) == 0
     return out
-
-
-def has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
 
 
 # --------------------------------------------------------------------------- models
@@ -146,7 +106,6 @@ def test_sample_longer_than_context(capsys, work, tmp_path):
     assert "500" in msg and "128" in msg and "--seq-len" in msg
 
 
-@pytest.mark.skipif(not has("actpat.commands.similarity"), reason="similarity not built")
 def test_similarity_longer_than_context(capsys, work, tmp_path):
     msg = fail(capsys, "similarity", "--model", work / "model", "--dataset", work / "three.txt",
                "--pairs", "1", "--seq-len", "500", "--out", tmp_path / "o", "--quiet")
@@ -160,7 +119,6 @@ def test_samples_out_of_range(capsys, work, tmp_path, n, expect):
     assert expect in msg
 
 
-@pytest.mark.skipif(not has("actpat.commands.similarity"), reason="similarity not built")
 @pytest.mark.parametrize("n,expect", [("0", "at least 1"), ("5", "3 texts")])
 def test_pairs_out_of_range(capsys, work, tmp_path, n, expect):
     msg = fail(capsys, "similarity", "--model", work / "model", "--dataset", work / "three.txt",
@@ -171,7 +129,6 @@ def test_pairs_out_of_range(capsys, work, tmp_path, n, expect):
 # --------------------------------------------------------------------------- pruning options
 
 
-@pytest.mark.skipif(not has("actpat.commands.allocate"), reason="allocate not built")
 @pytest.mark.parametrize("s", ["1.0", "-0.1", "1.5", "nan"])
 def test_sparsity_outside_range_allocate(capsys, profile_run, s):
     msg = fail(capsys, "allocate", "--sparsity", s, "--method", "uniform", "--profile",
@@ -179,14 +136,12 @@ def test_sparsity_outside_range_allocate(capsys, profile_run, s):
     assert "[0, 1)" in msg
 
 
-@pytest.mark.skipif(not has("actpat.commands.prune"), reason="prune not built")
 def test_sparsity_outside_range_prune(capsys, work, tmp_path):
     msg = fail(capsys, "prune", "--model", work / "model", "--sparsity", "1.2",
                "--save", tmp_path / "p", "--quiet")
     assert "[0, 1)" in msg
 
 
-@pytest.mark.skipif(not has("actpat.commands.prune"), reason="prune not built")
 @pytest.mark.parametrize("pattern", ["4:2", "2-4", "0:4", "a:b", "2:4:8"])
 def test_malformed_n_m(capsys, work, tmp_path, pattern):
     msg = fail(capsys, "prune", "--model", work / "model", "--sparsity", "0.5",
@@ -194,7 +149,6 @@ def test_malformed_n_m(capsys, work, tmp_path, pattern):
     assert pattern in msg
 
 
-@pytest.mark.skipif(not has("actpat.commands.prune"), reason="prune not built")
 def test_profile_from_other_model_prune(capsys, work, profile_run, tmp_path):
     msg = fail(capsys, "prune", "--model", work / "other", "--sparsity", "0.5",
                "--allocation", "activation", "--profile", profile_run,
@@ -205,7 +159,6 @@ def test_profile_from_other_model_prune(capsys, work, profile_run, tmp_path):
     assert not (tmp_path / "p" / "actpat_prune.json").exists()
 
 
-@pytest.mark.skipif(not has("actpat.commands.allocate"), reason="allocate not built")
 def test_profile_from_other_model_allocate(capsys, work, profile_run):
     msg = fail(capsys, "allocate", "--sparsity", "0.5", "--method", "activation",
                "--profile", profile_run, "--model", work / "other", "--device", "cpu", "--quiet")
@@ -227,7 +180,6 @@ def test_corrupt_profile(capsys, profile_run, tmp_path, damage):
     assert "actpat profile" in msg
 
 
-@pytest.mark.skipif(not has("actpat.commands.allocate"), reason="allocate not built")
 def test_corrupt_profile_allocate(capsys, profile_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(profile_run, run)
@@ -326,7 +278,6 @@ def test_load_model_passes_trust_remote_code_off(work, monkeypatch):
 # --------------------------------------------------------------------------- Ctrl-C
 
 
-@pytest.mark.skipif(not has("actpat.checkpointing"), reason="checkpointing not built")
 def test_ctrl_c_leaves_a_resumable_checkpoint(work, tmp_path):
     """SIGINT during a long profile: exit 130, a checkpoint and no half-written profile; the
     same command then finishes from the checkpoint (that the resumed result equals an
@@ -368,7 +319,6 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(work, tmp_path):
     assert not any((out / "checkpoint").glob("*.safetensors"))  # a finished run removes it
 
 
-@pytest.mark.skipif(not has("actpat.commands.eval"), reason="eval not built")
 def test_eval_item_longer_than_context(capsys, work, tmp_path):
     """A zero-shot item whose answer alone exceeds the 128-token context: one line, exit 2."""
     data = tmp_path / "data" / "piqa"
@@ -379,3 +329,164 @@ def test_eval_item_longer_than_context(capsys, work, tmp_path):
     msg = fail(capsys, "eval", "--model", work / "model", "--tasks", "piqa", "--data-dir",
                tmp_path / "data", "--device", "cpu", "--quiet")
     assert "longer than the model's context" in msg and "128" in msg
+
+
+def test_trust_remote_code_runs_the_models_own_code(capsys, work, tmp_path, monkeypatch):
+    """A model directory with its own modeling code: refused (one line) without
+    --trust-remote-code, its code not run; with the flag its code runs, and the profile equals
+    that of the same weights loaded as a plain Llama."""
+    from safetensors.torch import load_file
+
+    from tinylm import save_remote_code_lm
+
+    from actpat.models import ADAPTERS, LLAMA_LIKE
+
+    # the remote model keeps its own model type: it is registered the documented way
+    monkeypatch.setitem(ADAPTERS, "actpat_remote_test", LLAMA_LIKE)
+    remote = save_remote_code_lm(tmp_path / "remote")
+    marker = tmp_path / "marker.txt"
+    monkeypatch.setenv("ACTPAT_TEST_REMOTE_MARKER", str(marker))
+    msg = fail(capsys, *profile_args(work, tmp_path / "a", "--model", remote))
+    assert "custom code" in msg or "trust" in msg, msg
+    assert not marker.exists()
+    ok(capsys, *profile_args(work, tmp_path / "b", "--model", remote, "--trust-remote-code",
+                             "--no-cache"))
+    assert marker.read_text() == "remote code ran\n"
+    ok(capsys, *profile_args(work, tmp_path / "c", "--no-cache"))  # work/model: same weights
+    a = load_file(str(tmp_path / "b" / "profile.safetensors"))
+    b = load_file(str(tmp_path / "c" / "profile.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- Ctrl-C in process
+# KeyboardInterrupt raised deterministically inside the work of each command: exit 130, one
+# 'interrupted' line, no traceback, and no output file half-written (nor claimed finished).
+
+
+def _no_partial_files(root: Path) -> None:
+    left = [p.name for p in Path(root).rglob("*") if ".tmp" in p.name]
+    assert not left, left
+
+
+def test_ctrl_c_prune_writes_nothing_then_reruns(capsys, work, tmp_path, monkeypatch):
+    import actpat.pruning
+
+    save = tmp_path / "p"
+    argv = ["prune", "--model", work / "model", "--sparsity", "0.5", "--pruner", "magnitude",
+            "--save", save, "--device", "cpu", "--quiet"]
+    monkeypatch.setattr(actpat.pruning, "_set_weight",
+                        raise_on_call(3, actpat.pruning._set_weight))  # mid-way through layer 0
+    assert "prune: interrupted" in interrupted(capsys, *argv)
+    assert not (save / "model.safetensors").exists() and not (save / "actpat_prune.json").exists()
+    _no_partial_files(tmp_path)
+    monkeypatch.undo()
+    ok(capsys, *argv)  # the same command into the same directory
+    assert json.loads((save / "actpat_prune.json").read_text())["achieved_sparsity"] > 0.4
+
+
+def test_ctrl_c_prune_while_saving_leaves_no_record(capsys, work, tmp_path, monkeypatch):
+    """Interrupted after the weights were written: no actpat_prune.json, so nothing (the demo,
+    `reproduce`) takes the directory for a finished pruned model."""
+    import actpat.pruning
+    from actpat.profile import write_json
+
+    save = tmp_path / "p"
+
+    def killed_write(path, obj):
+        if Path(path).name == "actpat_prune.json":
+            raise KeyboardInterrupt
+        write_json(path, obj)
+
+    monkeypatch.setattr("actpat.profile.write_json", killed_write)
+    interrupted(capsys, "prune", "--model", work / "model", "--sparsity", "0.5", "--pruner",
+                "magnitude", "--save", save, "--device", "cpu", "--quiet")
+    assert not (save / "actpat_prune.json").exists()
+    assert actpat.pruning.load_record(save) is None
+    _no_partial_files(tmp_path)
+
+
+def test_ctrl_c_eval_writes_no_json(capsys, work, tmp_path, monkeypatch, synthetic_data):
+    import actpat.evaluation
+
+    out = tmp_path / "eval.json"
+    monkeypatch.setattr(actpat.evaluation, "zero_shot",
+                        raise_on_call(1, actpat.evaluation.zero_shot))  # after the perplexity
+    interrupted(capsys, "eval", "--model", work / "model", "--tasks", "wikitext2,piqa",
+                "--limit", "2", "--seq-len", "32", "--data-dir", synthetic_data, "--json", out,
+                "--device", "cpu", "--quiet")
+    assert not out.exists()
+    _no_partial_files(tmp_path)
+
+
+@pytest.mark.parametrize("command", ["similarity", "sts"])
+def test_ctrl_c_similarity_and_sts_write_nothing(capsys, work, tmp_path, monkeypatch, command,
+                                                 synthetic_data):
+    import actpat.similarity
+
+    monkeypatch.setattr(actpat.similarity, "score_batch",
+                        raise_on_call(2, actpat.similarity.score_batch))  # the second batch
+    out = tmp_path / "run"
+    if command == "similarity":
+        argv = ["similarity", "--model", work / "model", "--dataset", "boolq", "--pairs", "4",
+                "--seq-len", "32", "--data-dir", synthetic_data]
+    else:
+        argv = ["sts", "--model", work / "model", "--dataset", "stsb", "--samples", "8",
+                "--pairs-per-batch", "2", "--max-tokens", "24", "--bootstrap", "100",
+                "--data-dir", synthetic_data]
+    interrupted(capsys, *argv, "--out", out, "--device", "cpu", "--quiet")
+    assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
+    _no_partial_files(tmp_path)
+
+
+def test_ctrl_c_reproduce_keeps_finished_rows_and_resumes(capsys, work, tmp_path, monkeypatch,
+                                                          synthetic_data):
+    import actpat.pruning
+
+    out = tmp_path / "t1"
+    argv = ["reproduce", "table1", "--model", work / "model", "--out", out, "--data-dir",
+            synthetic_data, "--sparsities", "0.5", "--seeds", "0", "--no-zero-shot",
+            "--only", "dense,wanda-uniform-0.5-c4-s0", "--seq-len", "16", "--windows", "2",
+            "--calibration-samples", "2", "--calibration-seq-len", "16", "--profile-samples",
+            "2", "--device", "cpu", "--quiet"]
+    monkeypatch.setattr(actpat.pruning, "_set_weight",
+                        raise_on_call(1, actpat.pruning._set_weight))  # inside the second row
+    interrupted(capsys, *argv)
+    assert (out / "configs" / "dense.json").exists()
+    assert not (out / "configs" / "wanda-uniform-0.5-c4-s0.json").exists()
+    _no_partial_files(out)
+    dense = (out / "configs" / "dense.json").stat().st_mtime_ns
+    monkeypatch.undo()
+    ok(capsys, *argv)
+    assert (out / "configs" / "dense.json").stat().st_mtime_ns == dense  # kept, not redone
+    row = json.loads((out / "configs" / "wanda-uniform-0.5-c4-s0.json").read_text())
+    assert row["prune"]["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_ctrl_c_demo_resumes_mid_step(capsys, tmp_path, monkeypatch):
+    """Interrupted in the profiles step after two of the four probe profiles: exit 130, the two
+    kept; the same command then profiles only the two missing ones and finishes."""
+    import actpat.profile
+
+    monkeypatch.delenv("ACTPAT_DATA_DIR", raising=False)
+    model = save_tiny_lm(tmp_path / "model")
+    out = tmp_path / "demo"
+    argv = ["demo", "--quick", "--model", model, "--out", out, "--device", "cpu", "--quiet"]
+    real = actpat.profile.compute_profile
+    monkeypatch.setattr(actpat.profile, "compute_profile", raise_on_call(3, real))
+    interrupted(capsys, *argv)
+    done = sorted(p.parent.name for p in (out / "profiles").glob("*/profile.safetensors"))
+    assert len(done) == 2, done
+    assert len(list((out / "profiles").iterdir())) == 2  # no half-made third run directory
+    assert not (out / "report.html").exists()
+    _no_partial_files(out)
+    mtimes = {d: (out / "profiles" / d / "profile.safetensors").stat().st_mtime_ns for d in done}
+    counting = raise_on_call(0, real)  # never raises: counts the calls
+    monkeypatch.setattr(actpat.profile, "compute_profile", counting)
+    ok(capsys, *argv)
+    assert counting.calls["n"] == 2  # only the two missing profiles
+    for d, t in mtimes.items():
+        assert (out / "profiles" / d / "profile.safetensors").stat().st_mtime_ns == t
+    state = json.loads((out / "demo.json").read_text())
+    assert state["steps"]["profiles"]["status"] == "done"
+    assert state["steps"]["report"]["status"] == "done"
+    assert len(list((out / "profiles").glob("*/profile.safetensors"))) == 4

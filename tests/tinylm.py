@@ -54,3 +54,47 @@ def save_not_causal_lm(path: str | Path) -> str:
     tf.T5ForConditionalGeneration(cfg).save_pretrained(path)
     char_tokenizer().save_pretrained(path)
     return str(path)
+
+
+REMOTE_CONFIG = '''from transformers import LlamaConfig
+
+
+class RemoteConfig(LlamaConfig):
+    model_type = "actpat_remote_test"
+'''
+
+REMOTE_MODELING = '''import os
+
+from transformers import LlamaForCausalLM
+
+from .configuration_remote import RemoteConfig
+
+
+class RemoteForCausalLM(LlamaForCausalLM):
+    """A Llama whose construction leaves a mark: proof that this file's code ran."""
+
+    config_class = RemoteConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        marker = os.environ.get("ACTPAT_TEST_REMOTE_MARKER")
+        if marker:
+            with open(marker, "a") as f:
+                f.write("remote code ran\\n")
+'''
+
+
+def save_remote_code_lm(path: str | Path) -> str:
+    """A tiny Llama directory whose config names its own modeling code (``auto_map``) and an
+    unknown model type: transformers loads it only with ``trust_remote_code``, offline."""
+    import json
+
+    path = Path(save_tiny_lm(path))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(model_type="actpat_remote_test", architectures=["RemoteForCausalLM"],
+               auto_map={"AutoConfig": "configuration_remote.RemoteConfig",
+                         "AutoModelForCausalLM": "modeling_remote.RemoteForCausalLM"})
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    (path / "configuration_remote.py").write_text(REMOTE_CONFIG)
+    (path / "modeling_remote.py").write_text(REMOTE_MODELING)
+    return str(path)
