@@ -29,6 +29,8 @@ Every result states its data source and its size (``seq_len`` + ``windows``, or 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import time
 from dataclasses import dataclass
@@ -166,7 +168,7 @@ def require_tasks(tasks: list[str], data_dir: str | None = None) -> None:
 
 def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None,
               batch_size: int = 4, data_dir: str | None = None,
-              log_samples: bool = False) -> dict:
+              log_samples: bool = False, progress: bool = True) -> dict:
     """acc / acc_norm of each task through lm-eval's ``HFLM`` on the in-memory model.
 
     Each task's entry also holds ``acc_balanced`` (see ``answer_shares``), and ``pred_share``
@@ -174,7 +176,7 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None,
     acc-prediction (highest log-likelihood) and whose gold answer is choice 0, 1, ... (a model
     that always answers "yes" on BoolQ shows up as a ``pred_share`` near [0, 1]). With
     ``log_samples`` it also holds ``samples``: lm-eval's per-item records (arguments,
-    log-likelihoods, acc) for checking.
+    log-likelihoods, acc) for checking. Without ``progress`` lm-eval's own bars are silenced.
     """
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1 (got {limit})")
@@ -196,9 +198,10 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None,
     try:
         # our configs are self-contained: skip indexing lm-eval's thousands of built-in YAMLs
         manager = TaskManager(include_defaults=False)
-        res = lm_eval.simple_evaluate(model=lm, tasks=list(configs.values()), limit=limit,
-                                      bootstrap_iters=0, log_samples=True,
-                                      verbosity="ERROR", task_manager=manager)
+        with _lm_eval_quiet(progress):
+            res = lm_eval.simple_evaluate(model=lm, tasks=list(configs.values()), limit=limit,
+                                          bootstrap_iters=0, log_samples=True,
+                                          verbosity="ERROR", task_manager=manager)
     except AssertionError:  # lm-eval's check that a continuation fits the model's context
         context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         raise UserError(f"an item of {', '.join(tasks)} is longer than the model's context "
@@ -224,6 +227,20 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None,
     for v in out.values():  # lm-eval runs all tasks' requests together: one shared rate
         v["items_per_s_all_tasks"] = round(total / wall, 4) if wall > 0 else None
     return out
+
+
+@contextlib.contextmanager
+def _lm_eval_quiet(progress: bool):
+    """lm-eval without its noise: it asks git for the *caller's* commit (git prints "fatal: not
+    a git repository" outside one; actpat records its own versions), and with ``progress``
+    off its tqdm bars (which write to ``sys.stderr`` at call time) go nowhere."""
+    from unittest import mock
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch("lm_eval.evaluator.get_git_commit_hash", lambda: None))
+        if not progress:
+            stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+        yield
 
 
 def answer_shares(samples: list[dict]) -> dict:
@@ -264,7 +281,8 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, seq_l
             out[name] = perplexity(model, corpora[name], seq_len, limit, batch_size, progress)
     shots = [t for t in tasks if t in TASKS]
     if shots:
-        out.update(zero_shot(model, tokenizer, shots, limit, batch_size, data_dir))
+        out.update(zero_shot(model, tokenizer, shots, limit, batch_size, data_dir,
+                             progress=progress))
     return {t: out[t] for t in tasks}
 
 

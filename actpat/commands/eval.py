@@ -44,8 +44,10 @@ def run(args) -> int:
                         "tokens; lower --seq-len")
     results = evaluate(lm.model, lm.tokenizer, tasks, args.limit, args.seq_len, args.batch_size,
                        args.data_dir, progress=not args.quiet)
-    print(f"# model: {args.model}  (perplexity: seq_len-1 predictions per window, first token "
-          "of each window not predicted)")
+    starts = {r["window_start"] for r in results.values() if "window_start" in r}
+    rule = ("BOS + seq_len-1 stream tokens per window, all predicted" if starts == {"bos"} else
+            "seq_len stream tokens per window, the first not predicted")
+    print(f"# model: {args.model}" + (f"  (perplexity: {rule})" if starts else ""))
     print(format_table(results))
     if args.json:
         write_json(args.json, results)
