@@ -4,7 +4,6 @@ decoded, no resource load attempted outside the page)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import re
@@ -13,9 +12,8 @@ import subprocess
 
 import pytest
 
+from helpers import run, table_has
 from tinylm import save_tiny_lm
-
-from actpat.cli import main
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -24,17 +22,9 @@ CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backgr
                 "--virtual-time-budget=10000"]
 
 
-def has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
-def run(*argv) -> None:
-    assert main([str(a) for a in argv]) == 0
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Outputs of every command that exists, on a tiny model and made-up data."""
+    """Outputs of every command, on a tiny model and made-up data."""
     root = tmp_path_factory.mktemp("report")
     model = save_tiny_lm(root / "model")
     rng = random.Random(5)
@@ -56,31 +46,21 @@ def runs(tmp_path_factory):
     for name in ("prose", "code"):
         run("profile", "--model", model, "--dataset", root / f"{name}.txt", "--samples", "4",
             "--seq-len", "32", "--out", root / "runs" / f"profile-{name}", *common)
-    made = {"profiles"}
-    if has("actpat.commands.similarity"):
-        run("similarity", "--model", model, "--dataset", root / "prose.txt", "--dataset",
-            root / "code.txt", "--pairs", "3", "--seq-len", "32", "--out",
-            root / "runs" / "similarity", *common)
-        made.add("similarity")
-    if has("actpat.commands.sts"):
-        run("sts", "--model", model, "--dataset", root / "pairs.jsonl", "--samples", "12",
-            "--max-tokens", "32", "--bootstrap", "100", "--out", root / "runs" / "sts", *common)
-        made.add("sts")
-    if has("actpat.commands.allocate"):
-        for method in ("uniform", "activation"):
-            run("allocate", "--sparsity", "0.5", "--method", method, "--profile",
-                root / "runs" / "profile-prose", "--json",
-                root / "runs" / "allocation" / f"{method}.json")
-        made.add("allocation")
-    if has("actpat.commands.prune"):
-        run("prune", "--model", model, "--sparsity", "0.5", "--pruner", "magnitude",
-            "--save", root / "runs" / "pruned", *common)
-        made.add("pruning")
-    if has("actpat.commands.eval"):
-        (root / "runs" / "eval").mkdir(exist_ok=True)
-        run("eval", "--model", model, "--tasks", "wikitext2", "--seq-len", "64", "--limit", "4",
-            "--data-dir", data, "--json", root / "runs" / "eval" / "dense.json", *common)
-        made.add("evaluation")
+    run("similarity", "--model", model, "--dataset", root / "prose.txt", "--dataset",
+        root / "code.txt", "--pairs", "3", "--seq-len", "32", "--out",
+        root / "runs" / "similarity", *common)
+    run("sts", "--model", model, "--dataset", root / "pairs.jsonl", "--samples", "12",
+        "--max-tokens", "32", "--bootstrap", "100", "--out", root / "runs" / "sts", *common)
+    for method in ("uniform", "activation"):
+        run("allocate", "--sparsity", "0.5", "--method", method, "--profile",
+            root / "runs" / "profile-prose", "--json",
+            root / "runs" / "allocation" / f"{method}.json")
+    run("prune", "--model", model, "--sparsity", "0.5", "--pruner", "magnitude",
+        "--save", root / "runs" / "pruned", *common)
+    (root / "runs" / "eval").mkdir(exist_ok=True)
+    run("eval", "--model", model, "--tasks", "wikitext2", "--seq-len", "64", "--limit", "4",
+        "--data-dir", data, "--json", root / "runs" / "eval" / "dense.json", *common)
+    made = {"profiles", "similarity", "sts", "allocation", "pruning", "evaluation"}
     return root / "runs", made
 
 
@@ -106,23 +86,32 @@ def expected_headings(made: set[str]) -> list[str]:
     return [EXPECTED[k] for k in EXPECTED if k in keys]
 
 
-def numbers(run_dir) -> list[str]:
-    """Numbers from the results that the page must show, formatted as the report does."""
+def labelled(run_dir) -> list[dict]:
+    """Table rows the page must hold: each result's label and value in the same row, formatted
+    as the report formats numbers."""
     from actpat.report import _num
 
-    found = []
     summary = json.loads((run_dir / "profile-prose" / "summary.json").read_text())
-    found.append(str(summary["samples"]))
-    if (run_dir / "eval" / "dense.json").exists():
-        found.append(_num(json.loads((run_dir / "eval" / "dense.json").read_text())
-                          ["wikitext2"]["ppl"]))
-    if (run_dir / "sts" / "sts.json").exists():
-        best = json.loads((run_dir / "sts" / "sts.json").read_text())["best"]["activation"]
-        found.append(_num(best["rho"]))
-    if (run_dir / "pruned" / "actpat_prune.json").exists():
-        rec = json.loads((run_dir / "pruned" / "actpat_prune.json").read_text())
-        found.append(_num(rec["achieved_sparsity"]))
-    return found
+    rows = [{"run": "profile-prose", "samples": str(summary["samples"]),
+             "seq len": str(summary["seq_len"]), "seed": str(summary["seed"])}]
+    ppl = json.loads((run_dir / "eval" / "dense.json").read_text())["wikitext2"]["ppl"]
+    rows.append({"model": "dense", "wikitext2 ppl": _num(ppl)})
+    best = json.loads((run_dir / "sts" / "sts.json").read_text())["best"]["activation"]
+    rows.append({"signal": "activation", "best layer": str(best["layer"]), "ρ": _num(best["rho"])})
+    rec = json.loads((run_dir / "pruned" / "actpat_prune.json").read_text())
+    rows.append({"pruned model": "pruned", "pruner": "magnitude",
+                 "achieved": _num(rec["achieved_sparsity"])})
+    alloc = json.loads((run_dir / "allocation" / "activation.json").read_text())
+    rows.append({"method": "activation", "target S": "0.5",
+                 "min S_i": _num(min(alloc["layer_sparsities"]))})
+    sim = json.loads((run_dir / "similarity" / "similarity.json").read_text())
+    rows.append({"pairs": str(len(sim["comparisons"][0]["per_pair"]))})
+    return rows
+
+
+def assert_labelled(html: str, run_dir) -> None:
+    for cells in labelled(run_dir):
+        assert table_has(html, **cells), cells
 
 
 def test_page_is_self_contained_and_complete(runs, page):
@@ -130,8 +119,7 @@ def test_page_is_self_contained_and_complete(runs, page):
     html = page.read_text()
     for heading in expected_headings(made):
         assert heading in html, heading
-    for n in numbers(run_dir):
-        assert n in html, n
+    assert_labelled(html, run_dir)
     srcs = re.findall(r'\b(?:src|href)="([^"#][^"]*)"', html)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs), \
         [s[:40] for s in srcs if not s.startswith("data:")]
@@ -180,11 +168,11 @@ def test_renders_in_headless_chromium(runs, page, tmp_path):
     assert int(attrs["images"]) >= 3
     for heading in expected_headings(made):
         assert re.search(r"<h2>" + re.escape(heading), dom), heading
-    for n in numbers(run_dir):
-        assert n in dom, n
+    assert_labelled(dom, run_dir)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not on PATH")
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not on PATH (Debian: apt-get install "
+                                             "chromium; .ci/run installs it)")
 def test_render_check_detects_external_and_broken_loads(tmp_path):
     """The counters the render test reads do count a blocked network load and a broken image."""
     from actpat.report import Section, render_html
