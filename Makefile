@@ -21,8 +21,10 @@ $(BIN)/actpat: pyproject.toml
 
 setup: $(BIN)/actpat
 
+DEMO_ARGS ?=
+
 demo: setup
-	$(BIN)/actpat demo --out runs/demo
+	$(BIN)/actpat demo --out runs/demo $(DEMO_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q -rs tests
