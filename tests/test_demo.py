@@ -13,21 +13,10 @@ from tinylm import save_tiny_lm
 from actpat.cli import main
 
 
-@pytest.fixture
-def offline(monkeypatch):
-    import datasets.config
-    import huggingface_hub.constants
-
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        monkeypatch.setenv(var, "1")
-    monkeypatch.delenv("ACTPAT_DATA_DIR", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
-
-
-def test_demo_with_probe_texts_resumes(tmp_path, capsys, offline):
+def test_demo_with_probe_texts_resumes(tmp_path, capsys, offline, monkeypatch):
     """No data dir and no hub: the probe texts, real-data steps skipped, the report written; a
     second run keeps every finished step."""
+    monkeypatch.delenv("ACTPAT_DATA_DIR", raising=False)
     model = save_tiny_lm(tmp_path / "model")
     out = tmp_path / "demo"
     argv = ["demo", "--quick", "--model", model, "--out", str(out), "--device", "cpu", "--quiet"]
@@ -51,8 +40,24 @@ def test_demo_with_probe_texts_resumes(tmp_path, capsys, offline):
     assert (out / "profiles" / "probe-code" / "profile.safetensors").stat().st_mtime_ns == before
 
 
+def test_demo_with_a_local_data_folder_runs_every_step(tmp_path, capsys, synthetic_data):
+    """The synthetic data folder (a fresh clone): every step runs, on a tiny model."""
+    model = save_tiny_lm(tmp_path / "model")
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--model", model, "--out", str(out), "--data-dir",
+                 synthetic_data, "--device", "cpu", "--quiet"]) == 0
+    state = json.loads((out / "demo.json").read_text())
+    assert state["data_mode"] == "local"
+    assert all(v["status"] == "done" for v in state["steps"].values()), state["steps"]
+    rec = json.loads((out / "pruned" / "activation" / "actpat_prune.json").read_text())
+    assert rec["calibration"]["source"].startswith(f"local:{synthetic_data}")
+    assert rec["allocation"]["method"] == "activation"
+    dense = json.loads((out / "eval" / "dense.json").read_text())
+    assert set(dense) == {"wikitext2", "boolq", "piqa"} and dense["wikitext2"]["ppl"] > 1
+
+
 @pytest.mark.slow
-def test_demo_quick_on_smollm2(tmp_path, data_dir, capsys):
+def test_demo_quick_on_smollm2(tmp_path, data_dir, capsys, smollm2_gguf):
     """`actpat demo --quick` on SmolLM2-135M with the local benchmark subsets: every step runs."""
     out = tmp_path / "demo"
     rc = main(["demo", "--quick", "--out", str(out), "--data-dir", data_dir, "--device", "cpu",

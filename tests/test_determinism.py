@@ -3,7 +3,6 @@ similarities and pruning masks on CPU; every output records its seed."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 
@@ -11,13 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import assert_same_tensors, run
 from tinylm import save_tiny_lm
-
-from actpat.cli import main
-
-
-def has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
 
 
 @pytest.fixture(scope="module")
@@ -42,30 +36,12 @@ def work(tmp_path_factory):
     return root
 
 
-def run(*argv) -> None:
-    assert main([str(a) for a in argv]) == 0
-
-
-def no_cache() -> list[str]:
-    """--no-cache where profile has a result cache: the test must compute twice."""
-    from actpat.cli import build_parser
-
-    text = build_parser()._subparsers._group_actions[0].choices["profile"].format_help()
-    return ["--no-cache"] if "--no-cache" in text else []
-
-
 def profile(work, out, seed=0):
-    run("profile", *no_cache(), "--model", work / "model", "--dataset", "boolq", "--data-dir", work / "data",
+    run("profile", "--no-cache", "--model", work / "model", "--dataset", "boolq", "--data-dir", work / "data",
         "--samples", "6", "--seq-len", "48", "--batch-size", "4", "--seed", seed, "--device",
         "cpu", "--quiet", "--out", out)
     return load_file(str(out / "profile.safetensors")), json.loads((out / "summary.json")
                                                                    .read_text())
-
-
-def assert_same_tensors(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def test_profile_and_counts_bit_identical(work, tmp_path, capsys):
@@ -87,7 +63,6 @@ def test_profile_and_counts_bit_identical(work, tmp_path, capsys):
     assert ca == cb and ca[0]["layer_counts"] and sum(ca[0]["layer_counts"]) > 0
 
 
-@pytest.mark.skipif(not has("actpat.commands.similarity"), reason="similarity not built")
 def test_similarity_bit_identical(work, tmp_path):
     outs = []
     for name in ("a", "b"):
@@ -101,7 +76,6 @@ def test_similarity_bit_identical(work, tmp_path):
     assert a["datasets"] == b["datasets"]
 
 
-@pytest.mark.skipif(not has("actpat.commands.prune"), reason="prune not built")
 @pytest.mark.parametrize("allocation", ["uniform", "activation"])
 def test_prune_masks_bit_identical(work, tmp_path, allocation):
     profile(work, tmp_path / "prof")
@@ -129,13 +103,11 @@ def test_every_output_records_its_seed(work, tmp_path):
     """summary.json and the similarity/prune records carry the seed they were made with."""
     _, summary = profile(work, tmp_path / "p", seed=7)
     assert summary["seed"] == 7
-    if has("actpat.commands.similarity"):
-        run("similarity", "--model", work / "model", "--dataset", "boolq", "--data-dir",
-            work / "data", "--pairs", "1", "--seq-len", "32", "--seed", "7", "--device", "cpu",
-            "--quiet", "--out", tmp_path / "s")
-        assert json.loads((tmp_path / "s" / "similarity.json").read_text())["seed"] == 7
-    if has("actpat.commands.allocate"):
-        run("allocate", "--sparsity", "0.5", "--method", "activation", "--profile",
-            tmp_path / "p", "--seed", "7", "--json", tmp_path / "a.json")
-        alloc = json.loads((tmp_path / "a.json").read_text())
-        assert alloc["seed"] == 7 and alloc["counts"]["profile"] == str(tmp_path / "p")
+    run("similarity", "--model", work / "model", "--dataset", "boolq", "--data-dir",
+        work / "data", "--pairs", "1", "--seq-len", "32", "--seed", "7", "--device", "cpu",
+        "--quiet", "--out", tmp_path / "s")
+    assert json.loads((tmp_path / "s" / "similarity.json").read_text())["seed"] == 7
+    run("allocate", "--sparsity", "0.5", "--method", "activation", "--profile",
+        tmp_path / "p", "--seed", "7", "--json", tmp_path / "a.json")
+    alloc = json.loads((tmp_path / "a.json").read_text())
+    assert alloc["seed"] == 7 and alloc["counts"]["profile"] == str(tmp_path / "p")
