@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,30 +15,15 @@ from actpat.checkpointing import Checkpointer, LoopState, cacheable, profile_key
 from actpat.cli import main
 from actpat.errors import UserError
 from actpat.profile import Profile, compute_profile
+from helpers import LM, PROSE, QUESTIONS, ROOT, assert_same_tensors
+from helpers import random_lengths_sequences as _seqs
 from tiny import tiny_model
 from tinylm import save_tiny_lm
-
-ROOT = Path(__file__).resolve().parents[1]
-PROSE = ROOT / "actpat" / "probes" / "prose.txt"
-QUESTIONS = ROOT / "actpat" / "probes" / "questions.txt"
-
-
-class LM:
-    def __init__(self, model):
-        self.model = model
-        self.tokenizer = type("T", (), {"pad_token_id": 0})()
-
-
-def _seqs(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, 101, (int(torch.randint(4, 20, (1,), generator=g)),),
-                          generator=g).tolist() for _ in range(n)]
 
 
 def _assert_identical(a: Profile, b: Profile):
     assert list(a.maps) == list(b.maps)
-    for k in a.maps:
-        assert torch.equal(a.maps[k], b.maps[k]), k
+    assert_same_tensors(a.maps, b.maps)
 
 
 class _Killed(Exception):

@@ -15,29 +15,12 @@ from actpat.distributed import Context, shard, shard_positions
 from actpat.errors import UserError
 from actpat.memory import BatchPlanner, is_oom, parse_size
 from actpat.profile import Profile, compute_profile
+from helpers import LM, PROSE, ROOT
+from helpers import max_rel_abs as _max_rel
+from helpers import random_lengths_sequences as _seqs
 from reference import autograd_activations
 from tiny import tiny_model
 from tinylm import save_tiny_lm
-
-ROOT = Path(__file__).resolve().parents[1]
-PROSE = ROOT / "actpat" / "probes" / "prose.txt"
-
-
-class LM:  # the parts of LoadedModel that compute_profile uses
-    def __init__(self, model):
-        self.model = model
-        self.tokenizer = type("T", (), {"pad_token_id": 0})()
-
-
-def _seqs(n, seed=0, lo=4, hi=20):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, 101, (int(torch.randint(lo, hi, (1,), generator=g)),),
-                          generator=g).tolist() for _ in range(n)]
-
-
-def _max_rel(a: dict, b: dict) -> float:
-    assert set(a) == set(b)
-    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-30)) for k in a)
 
 
 def _free_port() -> int:
@@ -290,6 +273,41 @@ def test_device_map_offload_profile_equals_plain(tmp_path, budget):
     assert _max_rel(off.maps, plain.maps) <= 1e-6
 
 
+@pytest.mark.parametrize("budget", ["20KB", "60KB"])
+def test_profile_cli_device_map_auto_max_memory_equals_plain(tmp_path, budget):
+    """`actpat profile --device-map auto --max-memory SIZE`: dispatched over CPU and disk as
+    the budget says, recorded in summary.json, and the same maps as a plain run."""
+    import json
+
+    from actpat.cli import main
+
+    model_dir = save_tiny_lm(tmp_path / "lm")
+    base = ["profile", "--model", model_dir, "--dataset", str(PROSE), "--samples", "4",
+            "--seq-len", "24", "--batch-size", "2", "--device", "cpu", "--quiet", "--no-cache"]
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*base, "--device-map", "auto", "--max-memory", budget, "--out",
+                 str(tmp_path / "mapped")]) == 0
+    summary = json.loads((tmp_path / "mapped" / "summary.json").read_text())
+    where = summary["device_map"]
+    assert where.get("disk", 0) >= 1, where  # the budget pushed weights to disk
+    if budget == "60KB":
+        assert where.get("cpu", 0) >= 1, where
+    a, b = Profile.load(tmp_path / "mapped"), Profile.load(tmp_path / "plain")
+    assert _max_rel(a.maps, b.maps) <= 1e-6
+
+
+def test_profile_cli_max_memory_list_needs_device_map(tmp_path, capsys):
+    from helpers import fail
+
+    model_dir = save_tiny_lm(tmp_path / "lm")
+    msg = fail(capsys, "profile", "--model", model_dir, "--dataset", PROSE, "--samples", "2",
+               "--max-memory", "cpu=1GB", "--out", tmp_path / "o", "--device", "cpu")
+    assert "--device-map auto" in msg
+    msg = fail(capsys, "profile", "--model", model_dir, "--dataset", PROSE, "--samples", "2",
+               "--device-map", "auto", "--max-memory", "lots", "--out", tmp_path / "o")
+    assert "lots" in msg
+
+
 @pytest.mark.slow
 def test_smollm2_with_a_small_memory_budget_equals_unconstrained(tmp_path, smollm2):
     """SmolLM2 dispatched with 150 MB of RAM for weights (the rest on disk) == plain run."""
@@ -414,7 +432,7 @@ def test_pair_similarity_two_gloo_processes_equal_one_process(tmp_path):
         np.testing.assert_allclose(got, ref, rtol=1e-6, atol=0)
 
 
-def test_prune_cli_offload_cpu_equals_plain(tmp_path, data_dir):
+def test_prune_cli_offload_cpu_equals_plain(tmp_path, any_data):
     """`actpat prune --offload cpu` (one decoder layer on the device at a time) == plain."""
     import json
 
@@ -424,7 +442,7 @@ def test_prune_cli_offload_cpu_equals_plain(tmp_path, data_dir):
 
     model_dir = save_tiny_lm(tmp_path / "lm")
     base = ["prune", "--model", model_dir, "--sparsity", "0.5", "--pruner", "wanda",
-            "--calibration", "c4", "--data-dir", data_dir, "--calibration-samples", "4",
+            "--calibration", "c4", "--data-dir", any_data, "--calibration-samples", "4",
             "--seq-len", "32", "--device", "cpu", "--quiet"]
     assert main([*base, "--save", str(tmp_path / "plain")]) == 0
     assert main([*base, "--offload", "cpu", "--save", str(tmp_path / "off")]) == 0
