@@ -129,7 +129,8 @@ def perplexity(model, corpus: Corpus, seq_len: int, limit: int | None = None,
                                         corpus.bos)
     nll = total / tokens
     wall = time.perf_counter() - start
-    return {"ppl": math.exp(nll), "nll": nll, "seq_len": seq_len, "windows": windows,
+    return {"ppl": math.exp(nll), "nll": nll, "dtype": model_dtype(model),
+            "seq_len": seq_len, "windows": windows,
             "tokens_predicted": tokens, "window_start": window_start(corpus.bos),
             "source": corpus.source, "wall_s": round(wall, 2),
             "windows_per_s": round(windows / wall, 4) if wall > 0 else None}
@@ -198,7 +199,7 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None,
     try:
         # our configs are self-contained: skip indexing lm-eval's thousands of built-in YAMLs
         manager = TaskManager(include_defaults=False)
-        with _lm_eval_quiet(progress):
+        with _lm_eval_quiet(progress), float32_logits(model):
             res = lm_eval.simple_evaluate(model=lm, tasks=list(configs.values()), limit=limit,
                                           bootstrap_iters=0, log_samples=True,
                                           verbosity="ERROR", task_manager=manager)
@@ -219,7 +220,7 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None,
         r = res["results"][key]
         n = int(res["n-samples"][key]["effective"])
         out[name] = {"acc": float(r["acc,none"]), "acc_norm": float(r["acc_norm,none"]),
-                     "n": n, "split": TASKS[name].split, "source": sources[name],
+                     "n": n, "dtype": model_dtype(model), "split": TASKS[name].split, "source": sources[name],
                      **answer_shares(res["samples"][key])}
         if log_samples:
             out[name]["samples"] = res["samples"][key]
@@ -227,6 +228,24 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None,
     for v in out.values():  # lm-eval runs all tasks' requests together: one shared rate
         v["items_per_s_all_tasks"] = round(total / wall, 4) if wall > 0 else None
     return out
+
+
+def model_dtype(model) -> str:
+    """The dtype the model computes in, as outputs record it (``bfloat16``, ``float32``...)."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+@contextlib.contextmanager
+def float32_logits(model):
+    """Logits leave the model in float32 whatever it computes in: lm-eval takes log_softmax and
+    sums the choice's token log-likelihoods in the logits' dtype, and in bfloat16 (8 bits of
+    mantissa) near-tied choices would be ranked by rounding."""
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda module, args, out: out.float())
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager

@@ -138,3 +138,4 @@ def test_qa_calibration_windows_begin_with_bos(tmp_path):
                                 data_dir=str(tmp_path / "data"), exclude_first=10)
     shift = [[t + 1 if t >= 2 else t for t in q] for q in ref.sequences]  # <s> took id 2
     assert [q[1:] for q in s.sequences] == shift
+
