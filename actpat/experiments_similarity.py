@@ -55,6 +55,20 @@ class GroupMeans:
                 for n in self.names}
 
 
+def _append(path: Path):
+    """The checkpoint opened for appending; a torn last line (a crash mid-write) is ended first,
+    so the next record starts a line of its own instead of being lost with the torn one."""
+    torn = False
+    if path.exists() and path.stat().st_size:
+        with path.open("rb") as f:
+            f.seek(-1, 2)
+            torn = f.read(1) != b"\n"
+    fh = path.open("a")
+    if torn:
+        fh.write("\n")
+    return fh
+
+
 def _pack(res) -> dict:
     sims, per_type = res
     return {"layer": [float(x) for x in sims],
@@ -105,7 +119,7 @@ def reproduce_similarity(lm: LoadedModel, out, datasets=FINDING2_DATASETS, pairs
     grams = score_grams(lm, (batches[k] for k in todo), objective,
                         [means] if means is not None else ())
     bar = tqdm(total=pairs, initial=len(done), desc="finding2 batches", disable=not progress)
-    with ckpt.open("a") as fh:
+    with _append(ckpt) as fh:
         for k, gram in zip(todo, grams):
             comp = group_comparisons(names, gram)
             rec = {"key": [names, pairs, seq_len, seed, objective], "k": k,
@@ -227,7 +241,7 @@ def reproduce_sts(lm: LoadedModel, out, dataset: str = "stsb", samples: int | No
     scored_now = 0
     bar = tqdm(total=len(order), initial=len(order) - len(todo), desc=f"{dataset} pairs",
                disable=not progress)
-    with ckpt.open("a") as fh:
+    with _append(ckpt) as fh:
         for s in range(0, len(todo), pairs_per_batch):
             chunk = todo[s:s + pairs_per_batch]
             sims = pair_similarity(lm, [encoded[i] for i in chunk], pairs_per_batch)
