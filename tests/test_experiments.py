@@ -8,6 +8,14 @@ from tinylm import save_tiny_lm
 from actpat.cli import main
 from actpat.experiments import (Config, Settings, calibration_configs, result_path, run_plan,
                                 table1_configs, table_markdown)
+from helpers import fail, interrupted, ok, raise_on_call
+
+
+def _decode(ids):
+    from tinylm import CHARS, SPECIAL
+
+    table = SPECIAL + list(CHARS)
+    return "".join(table[i] for i in ids)
 
 
 def _data(root):
@@ -97,8 +105,8 @@ def test_plans_and_cli(tmp_path, capsys):
     assert main(["reproduce", "table1", "--out", str(tmp_path / "r"), "--plan",
                  "--sparsities", "0.5", "--seeds", "0"]) == 0
     assert "wanda-activation-0.5-c4-s0" in capsys.readouterr().out
-    assert main(["reproduce", "table1", "--out", str(tmp_path / "r"), "--only", "nope"]) == 2
-    assert "unknown configuration 'nope'" in capsys.readouterr().err
+    assert "unknown configuration 'nope'" in fail(capsys, "reproduce", "table1", "--out",
+                                                  tmp_path / "r", "--only", "nope")
     # --tasks: the zero-shot rows evaluate a subset
     assert main(["reproduce", "calibration", "--out", str(tmp_path / "r"), "--plan",
                  "--tasks", "boolq,siqa", "--datasets", "c4"]) == 0
@@ -108,12 +116,11 @@ def test_plans_and_cli(tmp_path, capsys):
     # --seeded-allocations: which Wanda rows get every seed
     seeded = [c.name for c in table1_configs((0.7,), (0, 1), seeded=("owl",)) if c.seed == 1]
     assert seeded == ["wanda-owl-0.7-c4-s1"]
-    assert main(["reproduce", "table1", "--out", str(tmp_path / "r"), "--plan",
-                 "--seeded-allocations", "owll"]) == 2
-    assert "unknown allocation 'owll'" in capsys.readouterr().err
-    assert main(["reproduce", "table1", "--out", str(tmp_path / "r"), "--plan",
-                 "--tasks", "boolx"]) == 2
-    assert "unknown zero-shot task 'boolx'" in capsys.readouterr().err
+    assert "unknown allocation 'owll'" in fail(capsys, "reproduce", "table1", "--out",
+                                               tmp_path / "r", "--plan",
+                                               "--seeded-allocations", "owll")
+    assert "unknown zero-shot task 'boolx'" in fail(capsys, "reproduce", "table1", "--out",
+                                                    tmp_path / "r", "--plan", "--tasks", "boolx")
 
 
 def test_reproduce_fig1_profiles_counts_plot_and_resumes(tmp_path):
@@ -133,7 +140,7 @@ def test_reproduce_fig1_profiles_counts_plot_and_resumes(tmp_path):
     assert main(argv) == 0
 
 
-def test_reproduce_calibration_end_to_end_writes_the_specificity_summary(tmp_path, data_dir,
+def test_reproduce_calibration_end_to_end_writes_the_specificity_summary(tmp_path, any_data,
                                                                          capsys):
     """Validation 2 on a tiny model and the real local data: two calibration sets, all five
     tasks, then OUT/calibration.json with the own-set check and the relatedness correlation."""
@@ -144,7 +151,7 @@ def test_reproduce_calibration_end_to_end_writes_the_specificity_summary(tmp_pat
         [1.0 if i == j else 0.5 for j in range(6)] for i in range(6)]}}}))
     argv = ["reproduce", "calibration", "--model", save_tiny_lm(tmp_path / "m", context=4096), "--out",
             str(out), "--datasets", "siqa,c4", "--zero-shot-limit", "2",
-            "--calibration-samples", "2", "--calibration-seq-len", "16", "--data-dir", data_dir,
+            "--calibration-samples", "2", "--calibration-seq-len", "16", "--data-dir", any_data,
             "--device", "cpu", "--quiet", "--relate", str(relate)]
     assert main(argv) == 0
     assert "own calibration set gives the strictly best acc on" in capsys.readouterr().out
@@ -171,11 +178,10 @@ def test_reproduce_calibration_end_to_end_writes_the_specificity_summary(tmp_pat
     assert "Calibration specificity (cal)" in page and "rho (without own set)" in page
     # a bad --relate file is refused before any work, exit 2
     relate.write_text("[1, 2]")
-    assert main(argv[:-1] + [str(relate)]) == 2
-    assert "not a relatedness JSON" in capsys.readouterr().err
+    assert "not a relatedness JSON" in fail(capsys, *argv[:-1], relate)
 
 
-def test_qa_calibration_never_uses_the_evaluated_items(data_dir):
+def test_qa_calibration_never_uses_the_evaluated_items(any_data):
     from types import SimpleNamespace
 
     from tinylm import char_tokenizer
@@ -184,9 +190,13 @@ def test_qa_calibration_never_uses_the_evaluated_items(data_dir):
 
     lm = SimpleNamespace(tokenizer=char_tokenizer())
     for limit, first in ((50, 200), (300, 300)):
-        s = Settings(data_dir=data_dir, zero_shot_limit=limit, calib_samples=2, calib_seq_len=16)
+        s = Settings(data_dir=any_data, zero_shot_limit=limit, calib_samples=2, calib_seq_len=16)
         calib = _calibration(lm, s, Config("wanda", calibration="siqa", evals=("siqa",)))
         assert f"rows >= {first}," in calib.source
+        evaluated = [json.loads(x)["context"] for x in
+                     open(f"{any_data}/siqa/validation.jsonl").read().splitlines()[:limit]]
+        text = "".join(_decode(x) for x in calib.sequences)
+        assert not any(c in text for c in evaluated if len(c) > 20)
 
 
 def test_activation_counts_come_from_seed_0_whatever_row_runs_first(tiny_run):
@@ -203,3 +213,111 @@ def test_activation_counts_come_from_seed_0_whatever_row_runs_first(tiny_run):
     meta = [json.loads((out / d / "counts-profile" / "summary.json").read_text()) for d in "ab"]
     assert meta[0]["sample_indices"] == meta[1]["sample_indices"] and meta[0]["seed"] == 0
     assert first_seed1["calibration"]["seed"] == 1  # the pruning itself used its own seed
+
+
+# --------------------------------------------------------------------------- similarity experiments
+
+
+def _stop_after(n, real):
+    """A score_grams that yields ``n`` batches, then raises KeyboardInterrupt (Ctrl-C)."""
+    def gen(*a, **k):
+        for i, g in enumerate(real(*a, **k)):
+            if i == n:
+                raise KeyboardInterrupt
+            yield g
+    return gen
+
+
+def _counting(real, seen):
+    def gen(*a, **k):
+        for g in real(*a, **k):
+            seen.append(1)
+            yield g
+    return gen
+
+
+TORN = '{"key": [["boolq", "mmlu"], 2, 128'  # a record cut short by a crash, no newline
+
+
+def test_reproduce_similarity_resumes_after_ctrl_c_and_a_torn_line(tmp_path, capsys,
+                                                                    monkeypatch, synthetic_data):
+    import numpy as np
+
+    import actpat.similarity as S
+
+    model = save_tiny_lm(tmp_path / "m")
+    argv = ["reproduce", "similarity", "--model", model, "--samples", "2", "--data-dir",
+            synthetic_data, "--device", "cpu", "--quiet"]
+    ok(capsys, *argv, "--out", tmp_path / "whole")
+    whole = json.loads((tmp_path / "whole" / "similarity.json").read_text())
+    assert whole["pairs_done"] == 2 and len(whole["comparisons"]) == 7 + 21
+
+    out = tmp_path / "run"
+    real = S.score_grams
+    monkeypatch.setattr(S, "score_grams", _stop_after(1, real))
+    interrupted(capsys, *argv, "--out", out)
+    ckpt = out / "checkpoint.jsonl"
+    assert len(ckpt.read_text().splitlines()) == 1 and not (out / "similarity.json").exists()
+    with ckpt.open("a") as f:
+        f.write(TORN)
+    seen = []
+    monkeypatch.setattr(S, "score_grams", _counting(real, seen))
+    ok(capsys, *argv, "--out", out)
+    assert len(seen) == 1  # only the batch the interrupt lost
+    got = json.loads((out / "similarity.json").read_text())
+    assert got["pairs_done"] == 2
+    for a, b in zip(got["comparisons"], whole["comparisons"]):
+        assert (a["kind"], a["datasets"]) == (b["kind"], b["datasets"])
+        np.testing.assert_allclose(np.array(a["per_pair"], float), np.array(b["per_pair"], float),
+                                   rtol=0, atol=1e-9)
+    seen.clear()
+    ok(capsys, *argv, "--out", out)  # everything is in the checkpoint now, the torn line too
+    assert seen == []
+
+    # relatedness from the saved profiles of the finished run; a rerun gives the same file
+    runs = [str(p) for p in sorted((tmp_path / "whole" / "profiles").iterdir())]
+    assert len(runs) == 7
+    rel_argv = ["reproduce", "relatedness", "--runs", *runs, "--out", tmp_path / "rel"]
+    ok(capsys, *rel_argv)
+    first = (tmp_path / "rel" / "relate.json").read_text()
+    rel = json.loads(first)
+    m = np.array(rel["bands"]["all"]["matrix"])
+    assert m.shape == (7, 7) and np.allclose(m, m.T) and np.allclose(np.diag(m), 1)
+    assert ((m > 0) & (m <= 1 + 1e-12)).all()
+    ok(capsys, *rel_argv)
+    assert (tmp_path / "rel" / "relate.json").read_text() == first
+
+
+def test_reproduce_sts_resumes_after_ctrl_c_and_a_torn_line(tmp_path, capsys, monkeypatch,
+                                                             synthetic_data):
+    import numpy as np
+
+    import actpat.similarity as S
+
+    model = save_tiny_lm(tmp_path / "m")
+    argv = ["reproduce", "sts", "--model", model, "--samples", "20", "--data-dir",
+            synthetic_data, "--device", "cpu", "--quiet"]
+    ok(capsys, *argv, "--out", tmp_path / "whole")
+    whole = json.loads((tmp_path / "whole" / "sts.json").read_text())
+    assert whole["pairs_done"] == 20
+
+    out = tmp_path / "run"
+    real = S.pair_similarity
+    monkeypatch.setattr(S, "pair_similarity", raise_on_call(2, real))  # 8 pairs, then Ctrl-C
+    interrupted(capsys, *argv, "--out", out)
+    ckpt = out / "checkpoint.jsonl"
+    assert len(ckpt.read_text().splitlines()) == 1 and not (out / "sts.json").exists()
+    with ckpt.open("a") as f:
+        f.write(TORN)
+    counting = raise_on_call(0, real)
+    monkeypatch.setattr(S, "pair_similarity", counting)
+    ok(capsys, *argv, "--out", out)
+    assert counting.calls["n"] == 2  # the remaining 12 pairs: batches of 8 and 4
+    got = json.loads((out / "sts.json").read_text())
+    assert got["pairs_done"] == 20 and got["indices"] == whole["indices"]
+    np.testing.assert_allclose(got["pair_similarity"], whole["pair_similarity"], rtol=0,
+                               atol=1e-9)
+    assert got["per_layer_spearman"] == pytest.approx(whole["per_layer_spearman"], abs=1e-9)
+    counting.calls["n"] = 0
+    ok(capsys, *argv, "--out", out)
+    assert counting.calls["n"] == 0
