@@ -6,16 +6,9 @@ import pytest
 
 from actpat.data import DATASETS, PROMPTS, load_records, record_texts, sample_sequences
 from actpat.errors import UserError
+from helpers import CharTok
 
-
-class CharTokenizer:
-    """Stand-in tokenizer: one id per character (no special tokens), for fast data tests."""
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": [ord(c) % 1000 for c in text]}
-
-
-TOK = CharTokenizer()
+TOK = CharTok(1000)  # one id per character (no special tokens), for fast data tests
 REGISTERED = ["boolq", "piqa", "siqa", "hellaswag", "mmlu", "gsm8k", "humaneval", "c4",
               "wikitext2", "stsb", "sick"]
 
@@ -25,10 +18,10 @@ def test_registry_has_the_papers_datasets():
 
 
 @pytest.mark.parametrize("name", REGISTERED)
-def test_every_dataset_loads_locally(name, data_dir):
-    rec = load_records(name, data_dir=data_dir)
-    assert rec.source.startswith("local:") and len(rec.rows) > 100
-    s = sample_sequences(TOK, name, 5, seq_len=64, seed=1, data_dir=data_dir)
+def test_every_dataset_loads_locally(name, any_data):
+    rec = load_records(name, data_dir=any_data)
+    assert rec.source.startswith(f"local:{any_data}") and len(rec.rows) > 100
+    s = sample_sequences(TOK, name, 5, seq_len=64, seed=1, data_dir=any_data)
     assert len(s.sequences) == 5 and all(0 < len(x) <= 64 for x in s.sequences)
 
 
@@ -42,13 +35,13 @@ def test_lm_eval_prompt_formats():
                     "school math.\n\nQ\nA. a\nB. b\nC. c\nD. d\nAnswer:")
 
 
-def test_sampling_is_seeded_and_windows_are_full(data_dir):
-    a = sample_sequences(TOK, "boolq", 6, 32, seed=3, data_dir=data_dir)
-    b = sample_sequences(TOK, "boolq", 6, 32, seed=3, data_dir=data_dir)
-    c = sample_sequences(TOK, "boolq", 6, 32, seed=4, data_dir=data_dir)
+def test_sampling_is_seeded_and_windows_are_full(any_data):
+    a = sample_sequences(TOK, "boolq", 6, 32, seed=3, data_dir=any_data)
+    b = sample_sequences(TOK, "boolq", 6, 32, seed=3, data_dir=any_data)
+    c = sample_sequences(TOK, "boolq", 6, 32, seed=4, data_dir=any_data)
     assert a.sequences == b.sequences and a.indices == b.indices and a.indices != c.indices
     for name in ("c4", "wikitext2"):
-        w = sample_sequences(TOK, name, 4, 50, seed=0, data_dir=data_dir)
+        w = sample_sequences(TOK, name, 4, 50, seed=0, data_dir=any_data)
         assert all(len(x) == 50 for x in w.sequences)
 
 

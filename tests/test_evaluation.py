@@ -159,12 +159,17 @@ def test_eval_command_writes_json(tmp_path, capsys):
     assert "seq_len 32" in printed and "local:" in printed
 
 
-def test_eval_command_bad_input(tmp_path, capsys):
+def test_eval_command_bad_input(tmp_path, capsys, synthetic_data):
+    from helpers import fail
+
     model_dir = save_tiny_lm(tmp_path / "m")
-    assert main(["eval", "--model", model_dir, "--tasks", "wikitext3"]) == 2
-    assert "unknown task 'wikitext3'" in capsys.readouterr().err
-    assert main(["eval", "--model", model_dir, "--tasks", "c4", "--seq-len", "4096"]) == 2
-    assert "exceeds the model's context" in capsys.readouterr().err
+    assert "unknown task 'wikitext3'" in fail(capsys, "eval", "--model", model_dir, "--tasks",
+                                              "wikitext3")
+    msg = fail(capsys, "eval", "--model", model_dir, "--tasks", "c4", "--seq-len", "4096",
+               "--data-dir", synthetic_data)
+    assert "exceeds the model's context of 128" in msg
+    assert "--limit must be at least 1" in fail(capsys, "eval", "--model", model_dir, "--tasks",
+                                                "c4", "--limit", "0")
 
 
 @pytest.mark.slow
