@@ -1,0 +1,165 @@
+"""Depth-pruning results on one model (docs/results/depth-<model>.md): layer scores, which
+layers each removes, perplexity of the depth-pruned models and of unstructured Wanda at the
+sparsity that removes as many weights, and the checkpoints the speed benchmark times.
+
+    python benchmarks/depth_results.py --out runs/depth-smollm2 [--windows 100] \
+        [--checkpoints] [--dense]
+
+Resumable: every step writes one JSON file under --out and is skipped when the file exists.
+Calibration: the first --calibration-samples C4-train windows (seed 0, the Table-1 windows)
+profile the model and give the block influence; the next --search-samples windows of the same
+draw (other documents) are the search's held-apart windows. Perplexity: the first --windows
+windows of --seq-len tokens of WikiText-2 test and C4 validation (the Table-1 windows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--out", required=True)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--drops", default="4,8", help="numbers of layers to remove")
+    p.add_argument("--calibration-samples", type=int, default=64)
+    p.add_argument("--search-samples", type=int, default=16)
+    p.add_argument("--search-width", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--windows", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--checkpoints", action="store_true",
+                   help="also save depth-pruned, 50%% and 2:4 checkpoints for the speed bench")
+    p.add_argument("--dense", action="store_true", help="also the dense model's perplexity")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+
+    from actpat.calibration import calibration_sequences
+    from actpat.depth import (activation_scores, block_influence, equivalent_sparsity,
+                              lowest_layers, remove_layers, removal_order, search_layers)
+    from actpat.evaluation import load_corpus, perplexity
+    from actpat.models import decoder_layers, load_model
+    from actpat.profile import PROFILE_FILE, Profile, compute_profile, counts, write_json
+    from actpat.pruning import prune_model, save_pruned
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lm = load_model(args.model)
+    n_layers = len(decoder_layers(lm.model))
+    drops = [int(x) for x in args.drops.split(",")]
+    n_cal = args.calibration_samples
+    calib = calibration_sequences(lm.tokenizer, "c4", n_cal + args.search_samples, args.seq_len,
+                                  seed=0, split="train", data_dir=args.data_dir)
+    scoring, held_apart = calib.sequences[:n_cal], calib.sequences[n_cal:]
+
+    def step(name, fn):
+        path = out / f"{name}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        start = time.perf_counter()
+        result = fn()
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        write_json(path, result)
+        print(f"{name}: {result['seconds']} s", flush=True)
+        return result
+
+    prof_dir = out / "profile"
+    if not (prof_dir / PROFILE_FILE).exists():
+        meta = {"model": lm.identity, "dataset": "c4", "split": "train", "seed": 0,
+                "seq_len": args.seq_len, "data_source": calib.source,
+                "sample_indices": calib.indices[:n_cal]}
+        compute_profile(lm, scoring, args.batch_size, meta=meta, progress=False).save(prof_dir)
+
+    def scores():
+        prof = Profile.load(prof_dir)
+        gamma = counts(prof, gamma_quantile=0.1).gamma
+        act = activation_scores(prof, gamma=gamma, gamma_quantile=None)
+        mass = activation_scores(prof, statistic="mass")
+        del prof  # 4 bytes per weight: not needed by the block influence pass
+        return {"activation": act, "gamma": gamma, "activation_mass": mass,
+                "block-influence": block_influence(lm.model, scoring, args.batch_size),
+                "calibration": {"source": calib.source, "indices": calib.indices[:n_cal]}}
+
+    sc = step("scores", scores)
+    seed_order = removal_order(sc["activation"])
+
+    def search():
+        res = search_layers(lm.model, max(drops), seed_order, held_apart, args.search_width,
+                            "kl", args.batch_size)
+        return dict(res.to_json(), windows={"source": calib.source,
+                                            "indices": calib.indices[n_cal:]})
+
+    se = step("search", search)
+    corpora = {}
+
+    def ppl(model):
+        res = {}
+        for name in ("wikitext2", "c4"):
+            if name not in corpora:
+                corpora[name] = load_corpus(lm.tokenizer, name, args.data_dir)
+            res[name] = perplexity(model, corpora[name], args.seq_len, args.windows,
+                                   args.batch_size)
+        return res
+
+    done: dict[tuple, str] = {}  # a layer set chosen by two scores is evaluated once
+    for k in drops:
+        chosen = {"activation": lowest_layers(sc["activation"], k),
+                  "block-influence": lowest_layers(sc["block-influence"], k),
+                  "search": sorted(se["removed_in_order"][:k])}
+        for score, drop in chosen.items():
+            def run(drop=drop, score=score):
+                same = done.get(tuple(drop))
+                if same is not None:
+                    return dict(json.loads((out / f"{same}.json").read_text()), score=score,
+                                same_layers_as=same)
+                model = copy.deepcopy(lm.model)
+                info = remove_layers(model, drop)
+                return {"score": score, "drop": k, "removed": drop, "kept": info["kept"],
+                        "equivalent_sparsity": equivalent_sparsity(lm.model, drop),
+                        "parameters": sum(p.numel() for p in model.parameters()),
+                        "ppl": ppl(model)}
+            step(f"depth-{score}-{k}", run)
+            done.setdefault(tuple(drop), f"depth-{score}-{k}")
+
+    if args.checkpoints:  # for the speed benchmark: which weights are zero does not change speed
+        ck = out / "checkpoints"
+        for k in drops:
+            d = ck / f"depth-{k}"
+            if not (d / "config.json").exists():
+                model = copy.deepcopy(lm.model)
+                info = remove_layers(model, lowest_layers(sc["activation"], k))
+                save_pruned(model, lm.tokenizer, d, {"model": lm.identity, "depth": info,
+                                                     "layer_score": "activation"})
+        for name, pattern in (("magnitude-50", "unstructured"), ("magnitude-2of4", "2:4")):
+            d = ck / name
+            if not (d / "config.json").exists():
+                model = copy.deepcopy(lm.model)
+                rep = prune_model(model, None, [0.5] * n_layers, "magnitude", pattern,
+                                  progress=False)
+                save_pruned(model, lm.tokenizer, d, {"model": lm.identity, "pruner": "magnitude",
+                                                     "pattern": pattern, "achieved_sparsity":
+                                                         rep["achieved_sparsity"]})
+        print("checkpoints written", flush=True)
+
+    for k in drops:  # unstructured Wanda removing as many weights as k layers
+        s = round(equivalent_sparsity(lm.model, lowest_layers(sc["activation"], k)), 4)
+
+        def wanda(s=s):
+            model = copy.deepcopy(lm.model)
+            rep = prune_model(model, scoring, [s] * n_layers, "wanda", batch_size=args.batch_size,
+                              progress=False)
+            return {"sparsity": s, "achieved": rep["achieved_sparsity"], "ppl": ppl(model)}
+        step(f"wanda-uniform-{s}", wanda)
+    if args.dense:
+        step("dense", lambda: {"ppl": ppl(lm.model)})
+
+
+if __name__ == "__main__":
+    main()
