@@ -259,16 +259,16 @@ def test_owl_ratios_against_naive_dense_norms():
 
 @pytest.mark.parametrize("bad", [1.0, -0.1, 1.5, float("nan")])
 def test_bad_sparsity(bad):
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=r"sparsity must be in \[0, 1\)"):
         allocate("uniform", bad, num_layers=3)
 
 
 def test_unknown_method_and_missing_inputs():
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="unknown allocation 'nope'"):
         allocate("nope", 0.5, num_layers=3)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="needs activated-weight counts"):
         allocate("activation", 0.5)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="owl allocation needs the model and calibration data"):
         allocate("owl", 0.5, model=tiny_model("llama"))
 
 

@@ -236,21 +236,21 @@ def test_sparsegpt_at_zero_sparsity_keeps_the_weight():
 
 @pytest.mark.parametrize("bad", ["4:2", "2:2", "0:4", "2:4:8", "a:b", "2-4", "structured"])
 def test_malformed_pattern(bad):
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=f"pattern '{bad}' is not 'unstructured' or N:M"):
         parse_pattern(bad)
 
 
 def test_bad_inputs_raise_user_errors():
     model = tiny_model("llama")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="1 layer sparsities for a model with 2 decoder layers"):
         prune_model(model, calib(), [0.5], "wanda", progress=False)  # one per layer
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=r"sparsity must be in \[0, 1\) \(got 1.0\)"):
         prune_model(model, calib(), [0.5, 1.0], "wanda", progress=False)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="equal lengths"):
         prune_model(model, [[1, 2, 3], [1, 2]], [0.5, 0.5], "wanda", progress=False)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="unknown pruner 'obs'"):
         prune_model(model, calib(), [0.5, 0.5], "obs", progress=False)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="6 input columns cannot take an N:M pattern with M=4"):
         nm_mask(torch.ones(2, 6), 2, 4)  # 6 columns are not groups of 4
 
 
