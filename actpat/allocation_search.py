@@ -54,7 +54,7 @@ import numpy as np
 
 from .errors import UserError
 
-DEFAULT_BUDGET = 48  # scored candidates; see docs/results/allocators-smollm2.md for the cost
+DEFAULT_BUDGET = 64  # scored candidates: about 10 min of one CPU core for SmolLM2 (see its doc)
 DEFAULT_STEP = 0.02
 DEFAULT_HELD = 8  # held-apart calibration windows that score a candidate
 MAX_SPARSITY = 0.999  # as actpat.allocation.MAX_SPARSITY (kept equal by a test)
@@ -340,3 +340,41 @@ class MaskScorer:
     def __exit__(self, *exc):
         self.restore()
         return False
+
+
+# --------------------------------------------------------------------------- the allocator
+
+
+def search_allocation(sparsity, *, model=None, calib_inputs=None, held_inputs=None,
+                      counts=None, layer_sizes=None, alpha: float = 2.0, beta: float = 0.2,
+                      search: SearchSettings | None = None, search_metric: str = "kl",
+                      search_state: str | Path | None = None, batch_size: int = 8,
+                      progress: bool = False, info: dict | None = None, log=None,
+                      **kw) -> list[float]:
+    """``search``: the activation allocation (``counts``, alpha, beta; weighted mean S) improved
+    by ``evolve`` with a ``MaskScorer`` at that start on ``held_inputs``."""
+    from .allocation import activation_formula, fix_mean
+
+    if counts is None:
+        raise UserError("the search allocation starts from the activation allocation and needs "
+                        "activated-weight counts: give --profile RUN or --model")
+    if model is None or calib_inputs is None or not held_inputs:
+        raise UserError("the search allocation needs the model, calibration data and held-apart "
+                        "calibration windows: give --model and --calibration")
+    settings = search or SearchSettings()
+    start = fix_mean(activation_formula(counts, sparsity, alpha, beta), sparsity, layer_sizes,
+                     cap=settings.hi)
+    begin = time.perf_counter()
+    with MaskScorer(model, calib_inputs, held_inputs, start, metric=search_metric,
+                    batch_size=batch_size, progress=progress) as scorer:
+        setup = time.perf_counter() - begin
+        result = evolve(start, scorer, layer_sizes, settings, search_state, log)
+    if info is not None:
+        info.update(search={**asdict(settings), "metric": search_metric,
+                            "held_windows": len(held_inputs), "start": start,
+                            "start_score": result.start_score, "score": result.score,
+                            "evaluations": result.evaluations,
+                            "generations": result.generations,
+                            "setup_seconds": round(setup, 3), "search_seconds": result.seconds,
+                            "history": result.history})
+    return result.sparsities

@@ -147,3 +147,40 @@ def layer_median_scores(model, calib_inputs, batch_size: int = 8,
         score = sm.weight.detach().abs().float() * norms[sm.name].unsqueeze(0)
         per_layer.setdefault(sm.layer, []).append(score.flatten())
     return [float(torch.cat(per_layer[i]).median()) for i in range(len(per_layer))]
+
+
+# --------------------------------------------------------------------------- allocator entries
+
+
+def atp_allocation(sparsity, *, model=None, calib_inputs=None, held_inputs=None,
+                   layer_sizes=None, atp_step: float = ATP_STEP, batch_size: int = 8,
+                   progress: bool = False, info: dict | None = None, **kw) -> list[float]:
+    """``atp``: the grid's beta of lowest calibration perplexity on ``held_inputs``, each beta
+    scored by ``MaskScorer`` (Wanda masks from one sequential pass at uniform S)."""
+    if model is None or calib_inputs is None or not held_inputs:
+        raise UserError("the atp allocation needs the model, calibration data and held-apart "
+                        "calibration windows: give --model and --calibration")
+    from .allocation_search import MaskScorer
+    from .models import decoder_layers
+
+    n = len(decoder_layers(model))
+    with MaskScorer(model, calib_inputs, held_inputs, [sparsity] * n, metric="ppl",
+                    batch_size=batch_size, progress=progress) as scorer:
+        out = atp_grid_search(sparsity, scorer, n, layer_sizes, atp_step)
+    if info is not None:
+        info.update(atp={"beta": out["beta"], "step": atp_step, "metric": "calibration ppl",
+                         "held_windows": len(held_inputs), "trials": out["trials"]})
+    return out["sparsities"]
+
+
+def dlp_allocation(sparsity, *, model=None, calib_inputs=None, dlp_alpha: float = DLP_ALPHA,
+                   batch_size: int = 8, progress: bool = False, info: dict | None = None,
+                   **kw) -> list[float]:
+    """``dlp``: ``dlp_formula`` of the layers' median Wanda scores on ``calib_inputs``."""
+    if model is None or calib_inputs is None:
+        raise UserError("the dlp allocation needs the model and calibration data (Wanda "
+                        "scores): give --model and --calibration")
+    medians = layer_median_scores(model, calib_inputs, batch_size, progress)
+    if info is not None:
+        info.update(dlp={"alpha": dlp_alpha, "medians": medians})
+    return dlp_formula(medians, sparsity, dlp_alpha)

@@ -173,3 +173,26 @@ def test_search_on_a_tiny_model_is_consistent_and_not_worse():
         assert scorer(start) == res.start_score
     with pytest.raises(UserError, match="held-apart"):
         MaskScorer(model, seqs, [], start)
+
+
+def test_search_allocation_entry_on_a_tiny_model():
+    from actpat.allocation import activation_formula, fix_mean, model_layer_sizes
+    from actpat.allocation_search import search_allocation
+
+    seqs, held = calib(6, 20), calib(4, 20, seed=5)
+    model = tiny_model("llama", seed=6)
+    dense = weights(model)
+    sizes = model_layer_sizes(model)
+    info = {}
+    got = search_allocation(0.6, model=model, calib_inputs=seqs, held_inputs=held,
+                            counts=[30, 10], layer_sizes=sizes, batch_size=3, info=info,
+                            search=SearchSettings(budget=9, seed=2, step=0.05))
+    assert weighted(got, sizes) == pytest.approx(0.6, abs=1e-12)
+    start = fix_mean(activation_formula([30, 10], 0.6), 0.6, sizes)
+    assert info["search"]["start"] == pytest.approx(start)
+    assert info["search"]["evaluations"] == 9
+    assert info["search"]["score"] <= info["search"]["start_score"]
+    for k, v in weights(model).items():  # the model is handed back dense
+        assert torch.equal(dense[k], v), k
+    with pytest.raises(UserError, match="counts"):
+        search_allocation(0.6, model=model, calib_inputs=seqs, held_inputs=held)

@@ -146,3 +146,31 @@ def test_dlp_medians_against_plain_forwards():
     got = layer_median_scores(model, seqs, batch_size=4)
     assert got == pytest.approx(expected, rel=1e-5)
     assert got[0] != got[1]
+
+
+def test_atp_and_dlp_entries_on_a_tiny_model():
+    from actpat.allocation_search import MaskScorer
+    from actpat.allocators_2025 import atp_allocation, dlp_allocation
+
+    seqs, held = calib(6, 20), calib(4, 20, seed=5)
+    model = tiny_model("llama", seed=7)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    info = {}
+    got = atp_allocation(0.5, model=model, calib_inputs=seqs, held_inputs=held,
+                         atp_step=0.1, batch_size=3, info=info)
+    trials = info["atp"]["trials"]
+    assert [t["beta"] for t in trials] == atp_grid(0.5, 2, step=0.1)
+    # every beta's loss is the held-apart perplexity of that schedule's masks
+    with MaskScorer(model, seqs, held, [0.5, 0.5], metric="ppl", batch_size=3) as scorer:
+        for t in trials:
+            assert scorer(atp_schedule(0.5, t["beta"], 2)) == pytest.approx(t["loss"], rel=1e-12)
+    best = min(trials, key=lambda t: t["loss"])
+    assert got == pytest.approx(atp_schedule(0.5, best["beta"], 2))
+    for k, v in model.state_dict().items():
+        assert torch.equal(dense[k], v), k
+    info = {}
+    got = dlp_allocation(0.5, model=model, calib_inputs=seqs, batch_size=3, info=info)
+    assert got == pytest.approx(dlp_formula(info["dlp"]["medians"], 0.5, 0.15))
+    assert info["dlp"]["medians"] == pytest.approx(layer_median_scores(model, seqs, 3))
+    with pytest.raises(UserError, match="held-apart"):
+        atp_allocation(0.5, model=model, calib_inputs=seqs)
