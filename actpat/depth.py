@@ -212,6 +212,46 @@ def search_layers(model: nn.Module, k: int, seed_order: Sequence[int],
     return result
 
 
+def choose_layers(model: nn.Module, k: int, score: str, *,
+                  activation: Sequence[float] | None = None,
+                  calibration: Sequence[Sequence[int]] | None = None,
+                  held_apart: Sequence[Sequence[int]] | None = None, width: int = 4,
+                  objective: str = "kl", batch_size: int = 8,
+                  progress: bool = False) -> tuple[list[int], dict]:
+    """The k layers ``score`` removes, and why (the record ``actpat_prune.json`` keeps).
+
+    ``activation``: per-layer N_i (``activation`` and the seed ranking of ``search``);
+    ``calibration``: windows for ``block-influence``; ``held_apart``: the search's windows,
+    which should share no token with ``calibration`` or with any evaluation data."""
+    if score not in LAYER_SCORES:
+        raise UserError(f"unknown layer score '{score}': use one of {', '.join(LAYER_SCORES)}")
+    n = len(decoder_layers(model))
+    check_drop(k, n)
+    why: dict = {"layer_score": score, "drop_layers": k}
+    if score in ("activation", "search"):
+        if activation is None or len(activation) != n:
+            raise UserError(f"the {score} layer score needs the activation counts of all {n} "
+                            "layers (a profile of this model)")
+        why["activation_counts"] = [float(x) for x in activation]
+    if score == "activation":
+        drop = lowest_layers(activation, k)
+    elif score == "block-influence":
+        if calibration is None:
+            raise UserError("the block-influence layer score needs calibration windows")
+        why["block_influence"] = block_influence(model, calibration, batch_size)
+        drop = lowest_layers(why["block_influence"], k)
+    else:
+        if held_apart is None:
+            raise UserError("the search layer score needs held-apart calibration windows; "
+                            "give --search-samples of at least 1")
+        res = search_layers(model, k, removal_order(activation), held_apart, width, objective,
+                            batch_size, progress)
+        why["search"] = res.to_json()
+        drop = sorted(res.removed)
+    why["removed"] = drop
+    return drop, why
+
+
 # --------------------------------------------------------------------------- removal
 
 

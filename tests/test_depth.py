@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from actpat.depth import (activation_scores, block_influence, equivalent_sparsity,
-                          lowest_layers, remove_layers, removal_order, search_layers,
-                          without_layers)
+from actpat.depth import (activation_scores, block_influence, choose_layers,
+                          equivalent_sparsity, lowest_layers, remove_layers, removal_order,
+                          search_layers, without_layers)
 from actpat.errors import UserError
 from actpat.models import decoder_layers, get_adapter
 from actpat.profile import Profile
@@ -310,3 +310,21 @@ def test_smollm2_depth_pruned_checkpoint_reloads(smollm2, tmp_path):
     new = back.generate(ids, max_new_tokens=4, do_sample=False,
                         pad_token_id=smollm2.tokenizer.pad_token_id)
     assert new.shape[1] == ids.shape[1] + 4
+
+
+def test_choose_layers_records_why():
+    model = deep_tiny("llama", layers=4)
+    make_identity(decoder_layers(model)[1])
+    counts = [5.0, 9.0, 1.0, 3.0]
+    drop, why = choose_layers(model, 2, "activation", activation=counts)
+    assert drop == [2, 3] and why["removed"] == [2, 3] and why["activation_counts"] == counts
+    drop, why = choose_layers(model, 1, "block-influence", calibration=windows())
+    assert drop == [1] and why["block_influence"][1] == pytest.approx(0.0, abs=1e-6)
+    drop, why = choose_layers(model, 1, "search", activation=counts, held_apart=windows(2),
+                              width=4)
+    assert drop == [1]  # the identity layer, though the activation ranking puts it last
+    assert why["search"]["steps"][0]["trials"]["1"] == pytest.approx(0.0, abs=1e-6)
+    for bad in (dict(score="activation"), dict(score="search", activation=counts),
+                dict(score="block-influence"), dict(score="random", activation=counts)):
+        with pytest.raises(UserError):
+            choose_layers(model, 1, **bad)
