@@ -15,11 +15,11 @@ loads it with ``AutoModelForCausalLM.from_pretrained`` (float32, one torch threa
 
 Also the file size of its safetensors, its parameters, the share of exactly-zero weights in
 its decoder matrices (2-D weights without a vocabulary dimension), and the child's peak RSS
-(ru_maxrss: interpreter, torch, weights and the longest forward). Children run model by model, interleaved over the repeats, so a change in
-machine load hits every model alike; the tables give medians, and each speedup is the median
-over repeats of that repeat's ratio to the first checkpoint. Wall and CPU (user + sys) time
-are both recorded: with one thread, CPU time is the figure least disturbed by other work on a
-shared machine.
+(ru_maxrss: interpreter, torch, weights and the longest forward). Children run model by
+model, interleaved over the repeats, so a change in machine load hits every model alike; the
+tables give medians, and each speedup is the median over repeats of that repeat's ratio to
+the first checkpoint. Wall and CPU (user + sys) time are both recorded: with one thread, CPU
+time is the figure least disturbed by other work on a shared machine.
 
 Zeros are stored and multiplied densely: an unstructured or 2:4 sparse model runs at dense
 speed here (transformers has no sparse kernel on CPU); only removed layers make it faster.
@@ -146,7 +146,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"{meta['wall_s']:.0f} s.", "",
              "CPU time (user + sys of the one-thread child; the figure least disturbed by "
              "other jobs):", "",
-             "| checkpoint | layers | params (M) | zeros in decoder matrices | file (MB) | peak RSS (MB) | "
+             "| checkpoint | layers | params (M) | zeros in decoder matrices | file (MB) | "
+             "peak RSS (MB) | "
              + " | ".join(heads) + f" | {speed_head} |",
              "| --- | ---: | ---: | ---: | ---: | ---: | " + "---: | " * len(heads) + "--- |"]
     for r in rows:
@@ -191,7 +192,8 @@ def main() -> None:
     for rep in range(args.repeats):
         runs.append([])
         for label, d in zip(labels, dirs):
-            res = subprocess.run([sys.executable, __file__, "--child", d, "--prefill", args.prefill], env=env,
+            res = subprocess.run([sys.executable, __file__, "--child", d, "--prefill",
+                                  args.prefill], env=env,
                                  capture_output=True, text=True, check=True)
             runs[-1].append(json.loads(res.stdout.strip().splitlines()[-1]))
             print(f"repeat {rep}: {label} done", file=sys.stderr, flush=True)
@@ -204,7 +206,8 @@ def main() -> None:
             "transformers": transformers.__version__, "repeats": args.repeats,
             "load_start": [round(x, 2) for x in load_start],
             "load_end": [round(x, 2) for x in os.getloadavg()],
-            "wall_s": time.perf_counter() - start, "prefill": lengths, "models": dict(zip(labels, args.models))}
+            "wall_s": time.perf_counter() - start, "prefill": lengths,
+            "models": dict(zip(labels, args.models))}
     rows = summarize(labels, runs, lengths)
     text = markdown(rows, meta)
     print(text)
