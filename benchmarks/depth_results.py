@@ -3,7 +3,7 @@ layers each removes, perplexity of the depth-pruned models and of unstructured W
 sparsity that removes as many weights, and the checkpoints the speed benchmark times.
 
     python benchmarks/depth_results.py --out runs/depth-smollm2 [--windows 100] \
-        [--checkpoints] [--dense]
+        [--steps depth,checkpoints,dense,wanda]
 
 Resumable: every step writes one JSON file under --out and is skipped when the file exists.
 Calibration: the first --calibration-samples C4-train windows (seed 0, the Table-1 windows)
@@ -35,10 +35,13 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--windows", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--checkpoints", action="store_true",
-                   help="also save depth-pruned, 50%% and 2:4 checkpoints for the speed bench")
-    p.add_argument("--dense", action="store_true", help="also the dense model's perplexity")
+    p.add_argument("--steps", default="depth,checkpoints,dense,wanda",
+                   help="after the scores and the search, in this order: depth (perplexity "
+                        "of the depth-pruned models), checkpoints (depth-pruned, 50%% and 2:4 "
+                        "models for the speed bench), dense (the dense model's perplexity), "
+                        "wanda (perplexity of Wanda at the equivalent sparsity)")
     args = p.parse_args()
+    steps = set(args.steps.split(","))
     torch.set_num_threads(1)
 
     from actpat.calibration import calibration_sequences
@@ -109,7 +112,7 @@ def main() -> None:
         return res
 
     done: dict[tuple, str] = {}  # a layer set chosen by two scores is evaluated once
-    for k in drops:
+    for k in drops if "depth" in steps else []:
         chosen = {"activation": lowest_layers(sc["activation"], k),
                   "block-influence": lowest_layers(sc["block-influence"], k),
                   "search": sorted(se["removed_in_order"][:k])}
@@ -128,7 +131,8 @@ def main() -> None:
             step(f"depth-{score}-{k}", run)
             done.setdefault(tuple(drop), f"depth-{score}-{k}")
 
-    if args.checkpoints:  # for the speed benchmark: which weights are zero does not change speed
+    # for the speed benchmark; which weights are zero does not change the speed
+    if "checkpoints" in steps:
         ck = out / "checkpoints"
         for k in drops:
             d = ck / f"depth-{k}"
@@ -148,7 +152,10 @@ def main() -> None:
                                                          rep["achieved_sparsity"]})
         print("checkpoints written", flush=True)
 
-    for k in drops:  # unstructured Wanda removing as many weights as k layers
+    if "dense" in steps:
+        step("dense", lambda: {"ppl": ppl(lm.model)})
+    # unstructured Wanda removing as many weights as k layers
+    for k in drops if "wanda" in steps else []:
         s = round(equivalent_sparsity(lm.model, lowest_layers(sc["activation"], k)), 4)
 
         def wanda(s=s):
@@ -157,8 +164,6 @@ def main() -> None:
                               progress=False)
             return {"sparsity": s, "achieved": rep["achieved_sparsity"], "ppl": ppl(model)}
         step(f"wanda-uniform-{s}", wanda)
-    if args.dense:
-        step("dense", lambda: {"ppl": ppl(lm.model)})
 
 
 if __name__ == "__main__":
