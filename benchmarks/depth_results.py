@@ -40,7 +40,10 @@ def main() -> None:
                         "of the depth-pruned models), checkpoints (depth-pruned, 50%% and 2:4 "
                         "models for the speed bench), dense (the dense model's perplexity), "
                         "wanda (perplexity of Wanda at the equivalent sparsity)")
+    p.add_argument("--plot", default=None, help="only draw the scores figure (PNG) from --out")
     args = p.parse_args()
+    if args.plot:
+        return plot(Path(args.out), args.plot, [int(x) for x in args.drops.split(",")])
     steps = set(args.steps.split(","))
     torch.set_num_threads(1)
 
@@ -164,6 +167,46 @@ def main() -> None:
                               progress=False)
             return {"sparsity": s, "achieved": rep["achieved_sparsity"], "ppl": ppl(model)}
         step(f"wanda-uniform-{s}", wanda)
+
+
+def plot(out: Path, png: str, drops: list[int]) -> None:
+    """Per layer: N_i and block influence (each over its maximum), the layers each score
+    removes marked below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sc = json.loads((out / "scores.json").read_text())
+    se = json.loads((out / "search.json").read_text())
+    from actpat.depth import lowest_layers
+
+    n = len(sc["activation"])
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 2]})
+    act = [x / max(sc["activation"]) for x in sc["activation"]]
+    bi = sc["block-influence"]
+    top.plot(range(n), act, "o-", label="activation: N_i / max N_i (C4, gamma at 10%)")
+    top.plot(range(n), [x / max(bi[1:]) for x in bi], "s-",
+             label="block influence / max over layers 1-29 (layer 0: off the scale)")
+    top.set_ylim(0, 1.05)
+    top.set_ylabel("score (lowest removed first)")
+    top.legend(fontsize=8, loc="upper right")
+    rows = []
+    for k in drops:
+        rows += [(f"activation, {k}", lowest_layers(sc["activation"], k)),
+                 (f"block influence, {k}", lowest_layers(bi, k)),
+                 (f"search, {k}", sorted(se["removed_in_order"][:k]))]
+    for y, (name, layers) in enumerate(rows):
+        bottom.scatter(layers, [y] * len(layers), marker="x", color="C3")
+    bottom.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
+    bottom.invert_yaxis()
+    bottom.set_xticks(range(0, n, 2))
+    bottom.set_xlabel("decoder layer (0-based)")
+    bottom.set_title("layers removed", fontsize=9)
+    bottom.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
 
 
 if __name__ == "__main__":
