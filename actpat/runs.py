@@ -33,8 +33,8 @@ def run_pairs_command(args, owned: tuple[str, ...], compute, write) -> int:
     ``compute(lm, progress)`` shares the pairs out (``actpat.distributed``) and returns the full
     result on every rank; only rank 0 checks ``--out`` and calls ``write(result, out)``.
     """
-    from .distributed import barrier, launched
-    from .models import load_model
+    from .activation.distributed import barrier, launched
+    from .models.loading import load_model
 
     with launched(args.device) as (ctx, device):
         if ctx.is_main:

@@ -59,8 +59,8 @@ def build(shape: dict, dtype, device):
 
 
 def bench_profile(model, device, batch_sizes, seq_len, steps, vocab):
-    from actpat.metric import MeanAccumulator, score_batch
-    from actpat.models import scored_matrices
+    from actpat.activation.metric import MeanAccumulator, score_batch
+    from actpat.models.loading import scored_matrices
 
     mats = scored_matrices(model)
     rows = []
@@ -110,7 +110,7 @@ def _plain_step(model, ids):
 
 
 def bench_wanda(model, device, n, seq_len, vocab, batch_size):
-    from actpat.pruning import model_sparsity, prune_model
+    from actpat.sparsity.layerwise import model_sparsity, prune_model
 
     g = torch.Generator().manual_seed(0)
     calib = torch.randint(3, vocab, (n, seq_len), generator=g).tolist()

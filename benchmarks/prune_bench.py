@@ -47,9 +47,9 @@ def worker(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from actpat.calibration import calibration_sequences
-    from actpat.models import load_model
-    from actpat.pruning import prune_model
+    from actpat.data.calibration import calibration_sequences
+    from actpat.models.loading import load_model
+    from actpat.sparsity.layerwise import prune_model
 
     t0 = time.perf_counter()
     lm = load_model("smollm2-135m", device="cpu")

@@ -19,7 +19,7 @@ def data_dir():
 @pytest.fixture(scope="session")
 def smollm2():
     """SmolLM2-135M (float32, CPU), loaded once per test session."""
-    from actpat.models import load_model
+    from actpat.models.loading import load_model
 
     try:
         return load_model("smollm2-135m", device="cpu")

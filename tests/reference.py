@@ -2,7 +2,7 @@
 
 import torch
 
-from actpat.models import scored_matrices
+from actpat.models.loading import scored_matrices
 
 
 def autograd_activations(model, sequences, objective="max-logit"):

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from actpat.allocation import (ALLOCATORS, activation_formula, allocate, alphapruning_formula,
+from actpat.sparsity.allocation import (ALLOCATORS, activation_formula, allocate, alphapruning_formula,
                                check_profile, fix_mean, hill_alpha, model_layer_sizes,
                                owl_formula, MAX_SPARSITY)
 from actpat.cli import main
 from actpat.errors import UserError
-from actpat.models import LoadedModel, scored_matrices
-from actpat.profile import Profile
+from actpat.models.loading import LoadedModel, scored_matrices
+from actpat.activation.profiling import Profile
 from tiny import ARCHS, VOCAB, tiny_model
 
 
@@ -209,7 +209,7 @@ def test_profile_from_another_model_is_refused():
 
 
 def test_cli_allocate_activation_from_profile(tmp_path, capsys):
-    from actpat.profile import counts
+    from actpat.activation.profiling import counts
 
     prof = _profile_of(tiny_model("llama"), {"spec": "a", "path": "/a"})
     prof.save(tmp_path / "run")

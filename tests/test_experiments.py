@@ -6,7 +6,7 @@ import pytest
 from tinylm import save_tiny_lm
 
 from actpat.cli import main
-from actpat.experiments import (Config, Settings, calibration_configs, result_path, run_plan,
+from actpat.experiments.runner import (Config, Settings, calibration_configs, result_path, run_plan,
                                 table1_configs, table_markdown)
 
 
@@ -180,7 +180,7 @@ def test_qa_calibration_never_uses_the_evaluated_items(data_dir):
 
     from tinylm import char_tokenizer
 
-    from actpat.experiments import _calibration
+    from actpat.experiments.runner import _calibration
 
     lm = SimpleNamespace(tokenizer=char_tokenizer())
     for limit, first in ((50, 200), (300, 300)):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from actpat.metric import MeanAccumulator, pad_batch, score_batch
-from actpat.models import scored_matrices
+from actpat.activation.metric import MeanAccumulator, pad_batch, score_batch
+from actpat.models.loading import scored_matrices
 from reference import autograd_activations, summed_then_abs
 from tiny import ARCHS, VOCAB, tiny_model
 

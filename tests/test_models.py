@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from actpat.errors import UserError
-from actpat.models import get_adapter, load_model, scored_matrices
-from actpat.profile import Profile, compute_profile
+from actpat.models.loading import get_adapter, load_model, scored_matrices
+from actpat.activation.profiling import Profile, compute_profile
 from tiny import ARCHS, tiny_model
 
 EXPECTED = {

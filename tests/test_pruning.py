@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from actpat.calibration import calibration_sequences
+from actpat.data.calibration import calibration_sequences
 from actpat.cli import main
 from actpat.errors import UserError
-from actpat.models import decoder_layers, scored_matrices
-from actpat.pruning import (PRUNE_RECORD, capture_layer_inputs, load_record, nm_mask,
+from actpat.models.loading import decoder_layers, scored_matrices
+from actpat.sparsity.layerwise import (PRUNE_RECORD, capture_layer_inputs, load_record, nm_mask,
                             parse_pattern, prune_model, row_mask, save_pruned, sparsegpt_prune)
 from tiny import ARCHS, VOCAB, tiny_model
 from tinylm import CHARS, SPECIAL, char_tokenizer, save_tiny_lm
@@ -300,7 +300,7 @@ def test_qa_calibration_skips_evaluated_rows(tmp_path):
 
 
 def test_qa_calibration_appends_gold_answers(data_dir):
-    from actpat.data import load_records
+    from actpat.data.datasets import load_records
 
     tok = char_tokenizer()
     s = calibration_sequences(tok, "boolq", 40, 64, seed=0, data_dir=data_dir, exclude_first=200)
@@ -375,7 +375,7 @@ def test_cli_prune_smollm2_end_to_end(tmp_path, data_dir, smollm2):
 
 
 def test_mask_selection_equals_stable_sort_with_many_ties():
-    from actpat.pruning import matrix_mask
+    from actpat.sparsity.layerwise import matrix_mask
 
     g = torch.Generator().manual_seed(0)
     for _ in range(200):

@@ -108,7 +108,7 @@ def expected_headings(made: set[str]) -> list[str]:
 
 def numbers(run_dir) -> list[str]:
     """Numbers from the results that the page must show, formatted as the report does."""
-    from actpat.report import _num
+    from actpat.outputs.report.sections import _num
 
     found = []
     summary = json.loads((run_dir / "profile-prose" / "summary.json").read_text())
@@ -187,7 +187,7 @@ def test_renders_in_headless_chromium(runs, page, tmp_path):
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not on PATH")
 def test_render_check_detects_external_and_broken_loads(tmp_path):
     """The counters the render test reads do count a blocked network load and a broken image."""
-    from actpat.report import Section, render_html
+    from actpat.outputs.report.sections import Section, render_html
 
     bad = Section("bad", "Bad", '<img src="http://example.invalid/x.png" alt="x">'
                                 '<img src="data:image/png;base64,AAAA" alt="y">')

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from actpat.models import LoadedModel
-from actpat.profile import Profile, compute_profile
-from actpat.similarity import (cosine, dataset_similarity, group_similarity, pair_similarity,
+from actpat.models.loading import LoadedModel
+from actpat.activation.profiling import Profile, compute_profile
+from actpat.analysis.similarity import (cosine, dataset_similarity, group_similarity, pair_similarity,
                                profile_layer_similarity, relate_bands)
 from tiny import ARCHS, VOCAB, tiny_model
 
@@ -93,8 +93,8 @@ def test_group_similarity_equals_pairwise():
 
 def test_memory_flat_in_pairs():
     """The sink keeps only a B x B Gram matrix per layer, whatever the number of pairs."""
-    from actpat.metric import pad_batch, score_batch
-    from actpat.similarity import GramSink
+    from actpat.activation.metric import pad_batch, score_batch
+    from actpat.analysis.similarity import GramSink
 
     lm = _lm("llama")
     sink = GramSink()
@@ -183,8 +183,8 @@ def test_similarity_end_to_end_smollm2(tmp_path, smollm2, data_dir):
     """`actpat similarity` on SmolLM2 with local boolq x c4: each pair's per-layer similarity
     equals the cosine of plain-autograd activations of the two samples, scored one at a time."""
     from actpat.cli import main
-    from actpat.data import sample_sequences
-    from actpat.models import scored_matrices
+    from actpat.data.datasets import sample_sequences
+    from actpat.models.loading import scored_matrices
     from reference import autograd_activations
 
     out = tmp_path / "run"

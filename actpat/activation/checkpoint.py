@@ -28,8 +28,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .errors import UserError
+from .. import __version__
+from ..errors import UserError
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -131,7 +131,7 @@ def _fingerprint_file(path: Path, memo_dir: Path) -> str:
     memo = memo_dir / tag[:32]
     if memo.exists():
         return memo.read_text().strip()
-    from .models import file_hash
+    from ..models.loading import file_hash
 
     digest = file_hash(path)
     memo_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +147,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 def model_fingerprint(identity: dict, config=None) -> str:
     """What identifies the weights: the GGUF's sha256, a hash of a local directory's weight and
     config files, or the hub commit the weights were loaded from."""
-    from .models import cache_dir
+    from ..models.loading import cache_dir
 
     if identity.get("sha256"):
         return "sha256:" + identity["sha256"]
@@ -190,7 +190,7 @@ class ProfileCache:
     """Index key -> run directory of a finished profile (``<cache>/profiles/index.json``)."""
 
     def __init__(self, root: str | Path | None = None):
-        from .models import cache_dir
+        from ..models.loading import cache_dir
 
         self.root = Path(root) if root is not None else cache_dir() / "profiles"
         self.index = self.root / "index.json"
@@ -203,7 +203,7 @@ class ProfileCache:
 
     def lookup(self, key: str, prefer: str | Path | None = None) -> Path | None:
         """A run directory holding a finished profile with this key (``prefer`` checked first)."""
-        from .profile import PROFILE_FILE
+        from .profiling import PROFILE_FILE
 
         candidates = [Path(prefer)] if prefer is not None else []
         known = self._read().get(key)
@@ -224,7 +224,7 @@ class ProfileCache:
 
 
 def run_key(run_dir: str | Path) -> str | None:
-    from .profile import SUMMARY_FILE
+    from .profiling import SUMMARY_FILE
 
     try:
         return json.loads((Path(run_dir) / SUMMARY_FILE).read_text()).get("cache_key")
@@ -234,7 +234,7 @@ def run_key(run_dir: str | Path) -> str | None:
 
 def reuse(source: str | Path, out: str | Path) -> None:
     """Put a cached profile into ``out`` (hard links when possible, else copies)."""
-    from .profile import PROFILE_FILE, SUMMARY_FILE
+    from .profiling import PROFILE_FILE, SUMMARY_FILE
 
     source, out = Path(source).resolve(), Path(out).resolve()
     if source == out:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def launched(requested_device: str):
     Under torchrun / accelerate launch this joins the group (gloo on CPU, nccl on CUDA, rank r
     on ``cuda:<local rank>``) and leaves it at the end; a plain start yields one process.
     """
-    from .models import resolve_device
+    from ..models.loading import resolve_device
 
     ctx = Context.from_env()
     device = local_device(requested_device, ctx)

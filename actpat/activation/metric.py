@@ -27,7 +27,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .models import ScoredMatrix, scored_matrices
+from ..models.loading import ScoredMatrix, scored_matrices
 
 # --------------------------------------------------------------------------- objectives
 
@@ -86,7 +86,7 @@ def mean_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
 
 
 def get_objective(name: str) -> Objective:
-    from .errors import UserError
+    from ..errors import UserError
 
     if name not in OBJECTIVES:
         raise UserError(f"unknown objective '{name}': use one of {', '.join(OBJECTIVES)}")

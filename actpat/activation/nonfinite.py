@@ -12,14 +12,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 
 class NonFiniteWatch:
     """Context manager: ``first`` is the name of the first module with a non-finite output."""
 
     def __init__(self, model: nn.Module, dtype: str | None = None) -> None:
-        from .models import decoder_layers, get_adapter, scored_matrices
+        from ..models.loading import decoder_layers, get_adapter, scored_matrices
 
         self.first: str | None = None
         self.dtype = dtype

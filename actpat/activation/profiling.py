@@ -23,10 +23,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .errors import UserError
+from .. import __version__
+from ..errors import UserError
 from .metric import MeanAccumulator, pad_batch, score_batch
-from .models import LoadedModel, scored_matrices
+from ..models.loading import LoadedModel, scored_matrices
 
 PROFILE_FILE = "profile.safetensors"
 SUMMARY_FILE = "summary.json"
@@ -126,10 +126,10 @@ def compute_profile(
     """
     from tqdm.auto import tqdm
 
-    from .checkpointing import LoopState
+    from .checkpoint import LoopState
     from .distributed import all_reduce_number, all_reduce_sums, current, shard_positions
-    from .memory import BatchPlanner, MemoryProbe, default_budget
-    from .numerics import NonFiniteWatch
+    from ..models.memory import BatchPlanner, MemoryProbe, default_budget
+    from .nonfinite import NonFiniteWatch
 
     model = lm.model
     device = input_device(model)
@@ -240,7 +240,7 @@ def _score_exactly(model, chunk, pad, device, acc, objective, mats, planner, ski
 
     Returns True when no OOM happened (the memory measurement of the batch is then valid).
     """
-    from .memory import is_oom, release
+    from ..models.memory import is_oom, release
 
     acc.skip, acc.added = set(skip), set()
     ids, mask = pad_batch(chunk, pad, device)

@@ -48,8 +48,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .metric import pad_batch, score_batch
-from .models import LoadedModel, ScoredMatrix, scored_matrices
+from ..activation.metric import pad_batch, score_batch
+from ..models.loading import LoadedModel, ScoredMatrix, scored_matrices
 
 
 # --------------------------------------------------------------------------- the sink
@@ -163,7 +163,7 @@ def pair_similarity(lm: LoadedModel, pairs: Sequence[tuple[list[int], list[int]]
     """
     from tqdm.auto import tqdm
 
-    from .distributed import active, gather_in_order, shard
+    from ..activation.distributed import active, gather_in_order, shard
 
     start = time.perf_counter()
     every = [pairs[i:i + pairs_per_batch] for i in range(0, len(pairs), pairs_per_batch)]
@@ -233,7 +233,7 @@ def group_similarity(lm: LoadedModel, groups: dict[str, list[list[int]]],
     """
     from tqdm.auto import tqdm
 
-    from .distributed import active, gather_in_order, shard
+    from ..activation.distributed import active, gather_in_order, shard
 
     names = list(groups)
     batches = group_batches(groups)
@@ -287,7 +287,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def profile_layer_similarity(p, q) -> np.ndarray:
     """Per-layer similarity of two saved profiles (``Profile``), shape (L,)."""
     if p.num_layers != q.num_layers or list(p.maps) != list(q.maps):
-        from .errors import UserError
+        from ..errors import UserError
 
         raise UserError("profiles come from different models (their scored matrices differ); "
                         "compare runs of one model")

@@ -52,8 +52,8 @@ import numpy as np
 import torch
 from scipy import stats
 
-from .errors import UserError
-from .models import LoadedModel
+from ..errors import UserError
+from ..models.loading import LoadedModel
 from .similarity import _floats, _round, pair_similarity
 
 DEFAULT_PAIR_FIELDS = ("sentence1", "sentence2", "score")
@@ -176,7 +176,7 @@ def load_pairs(dataset: str, n: int | None = 256, seed: int = 0, split: str | No
     A registered dataset gives a seeded random sample of ``n`` pairs kept in file order; a local
     file gives its first ``n`` pairs; ``n`` None or >= the number of pairs gives all of them.
     """
-    from .data import get_spec, is_path, load_records
+    from ..data.datasets import get_spec, is_path, load_records
 
     spec = None if is_path(dataset) else get_spec(dataset)
     if spec is not None and spec.kind != "pairs":
@@ -237,8 +237,8 @@ def hidden_state_similarity(lm: LoadedModel, pairs: list[tuple[list[int], list[i
     Layer i's state is ``hidden_states[i + 1]`` as transformers returns it: the output of decoder
     layer i (for the last layer, after the final norm where the model applies it there).
     """
-    from .distributed import active, gather_in_order, shard
-    from .metric import last_positions, pad_batch
+    from ..activation.distributed import active, gather_in_order, shard
+    from ..activation.metric import last_positions, pad_batch
 
     model = lm.model
     device = next(model.parameters()).device

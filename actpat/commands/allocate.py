@@ -10,7 +10,7 @@ HELP = "compute per-layer sparsities (uniform, activation, owl, alphapruning) fo
 
 def add_allocation_arguments(p, method_flag: str = "--method", default: str = "uniform") -> None:
     """Options shared by `allocate` and `prune`: the allocator and what it needs."""
-    from ..allocation import ALLOCATORS
+    from ..sparsity.allocation import ALLOCATORS
 
     p.add_argument(method_flag, default=default, choices=sorted(ALLOCATORS),
                    help=f"layer-wise allocation (default {default})")
@@ -42,7 +42,7 @@ def add_calibration_arguments(p) -> None:
 
 
 def load_calibration(args, lm):
-    from ..calibration import calibration_sequences
+    from ..data.calibration import calibration_sequences
 
     context = getattr(lm.model.config, "max_position_embeddings", None)
     if context and args.seq_len > context:
@@ -51,7 +51,7 @@ def load_calibration(args, lm):
     if args.batch_size <= 0:
         raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
     split = args.calibration_split
-    from ..data import get_spec, is_path
+    from ..data.datasets import get_spec, is_path
 
     if not is_path(args.calibration) and get_spec(args.calibration).kind != "windows" \
             and split == "train":
@@ -69,7 +69,7 @@ def calibration_info(args, samples) -> dict:
 
 def resolve_allocation(args, method: str, lm=None, samples=None) -> tuple[list[float], dict]:
     """(S_i, info) for the parsed options; ``lm``/``samples`` when a model is at hand."""
-    from ..allocation import activation_counts, allocate, check_sparsity
+    from ..sparsity.allocation import activation_counts, allocate, check_sparsity
 
     sparsity = check_sparsity(args.sparsity)
     info = {"method": method, "sparsity": sparsity}
@@ -94,7 +94,7 @@ def resolve_allocation(args, method: str, lm=None, samples=None) -> tuple[list[f
     if method == "uniform" and lm is None and args.profile is None:
         raise UserError("the uniform allocation needs the layer count: give --model or --profile")
     if method == "uniform" and lm is None:
-        from ..profile import Profile
+        from ..activation.profiling import Profile
 
         prof = Profile.load(args.profile)
         kw = {"num_layers": prof.num_layers}
@@ -118,8 +118,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..allocation import check_sparsity
-    from ..profile import write_json
+    from ..sparsity.allocation import check_sparsity
+    from ..activation.profiling import write_json
 
     check_sparsity(args.sparsity)
     lm = samples = None
@@ -129,7 +129,7 @@ def run(args) -> int:
         raise UserError(f"--method {args.method} needs --model"
                         + (" (or --profile RUN)" if args.method == "activation" else ""))
     if args.model is not None:
-        from ..models import load_model
+        from ..models.loading import load_model
 
         lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
         if args.method == "owl" or (args.method == "activation" and args.profile is None):
@@ -145,7 +145,7 @@ def run(args) -> int:
     if args.json:
         write_json(args.json, info)
     if args.plot:
-        from ..plots import plot_allocation
+        from ..outputs.plots import plot_allocation
 
         plot_allocation({args.method: s}, args.plot, title=f"S = {args.sparsity}")
     return 0

@@ -21,7 +21,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..demo import STEPS, run_demo
+    from ..experiments.demo import STEPS, run_demo
     from ..errors import UserError
 
     only = None

@@ -41,12 +41,12 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..distributed import Context, launched
-    from ..memory import parse_batch_size, parse_size
+    from ..activation.distributed import Context, launched
+    from ..models.memory import parse_batch_size, parse_size
 
     if args.samples <= 0:
         raise UserError(f"--samples must be at least 1 (got {args.samples})")
-    from ..data import get_spec, is_path
+    from ..data.datasets import get_spec, is_path
 
     if not is_path(args.dataset):
         get_spec(args.dataset)  # an unknown name fails before the model is loaded
@@ -66,9 +66,9 @@ def run(args) -> int:
 
 
 def _run(args, ctx, device, budget) -> int:
-    from ..distributed import barrier
-    from ..models import load_model
-    from ..profile import PROFILE_FILE, SUMMARY_FILE
+    from ..activation.distributed import barrier
+    from ..models.loading import load_model
+    from ..activation.profiling import PROFILE_FILE, SUMMARY_FILE
     from ..runs import prepare_out_dir
 
     if ctx.is_main:  # other ranks wait: rank 0 alone checks and creates --out
@@ -78,7 +78,7 @@ def _run(args, ctx, device, budget) -> int:
     if args.device_map:
         import tempfile
 
-        from ..offload import load_dispatched
+        from ..models.offload import load_dispatched
 
         with tempfile.TemporaryDirectory(prefix="actpat-offload-") as offload_dir:
             lm = load_dispatched(args.model, args.dtype, args.max_memory, offload_dir,
@@ -89,11 +89,11 @@ def _run(args, ctx, device, budget) -> int:
 
 
 def _profile(args, ctx, lm, out, budget) -> int:
-    from ..checkpointing import Checkpointer, ProfileCache, cacheable, model_fingerprint, \
+    from ..activation.checkpoint import Checkpointer, ProfileCache, cacheable, model_fingerprint, \
         profile_key, reuse
-    from ..data import sample_sequences
-    from ..distributed import barrier, gather_objects
-    from ..profile import PROFILE_FILE, compute_profile, input_device
+    from ..data.datasets import sample_sequences
+    from ..activation.distributed import barrier, gather_objects
+    from ..activation.profiling import PROFILE_FILE, compute_profile, input_device
 
     context = getattr(lm.model.config, "max_position_embeddings", None)
     if context and args.seq_len > context:

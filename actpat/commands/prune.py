@@ -19,7 +19,7 @@ OWNED = ("config.json", "generation_config.json", "model.safetensors",
 
 
 def add_arguments(p) -> None:
-    from ..pruning import PRUNERS
+    from ..sparsity.layerwise import PRUNERS
 
     p.add_argument("--model", required=True, help="alias (smollm2-135m), .gguf, directory, hub id")
     p.add_argument("--sparsity", type=float, required=True, help="target S in [0, 1)")
@@ -36,10 +36,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..allocation import check_sparsity
-    from ..models import load_model
-    from ..profile import versions
-    from ..pruning import get_pruner, parse_pattern, prune_model, save_pruned
+    from ..sparsity.allocation import check_sparsity
+    from ..models.loading import load_model
+    from ..activation.profiling import versions
+    from ..sparsity.layerwise import get_pruner, parse_pattern, prune_model, save_pruned
     from ..runs import prepare_out_dir
 
     check_sparsity(args.sparsity)
@@ -61,8 +61,8 @@ def run(args) -> int:
     samples = load_calibration(args, lm) if needs_calib else None
     sparsities, alloc = resolve_allocation(args, args.allocation, lm, samples)
     if offload:
-        from ..models import resolve_device
-        from ..offload import prune_offloaded
+        from ..models.loading import resolve_device
+        from ..models.offload import prune_offloaded
 
         report = prune_offloaded(lm.model, None if samples is None else samples.sequences,
                                  sparsities, args.pruner, args.pattern, args.batch_size,

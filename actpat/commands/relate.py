@@ -44,9 +44,9 @@ def parse_layers(text: str, num_layers: int) -> tuple[int, int]:
 
 
 def run(args) -> int:
-    from ..plots import plot_relatedness
-    from ..profile import Profile, write_json
-    from ..similarity import dataset_similarity, relate_bands
+    from ..outputs.plots import plot_relatedness
+    from ..activation.profiling import Profile, write_json
+    from ..analysis.similarity import dataset_similarity, relate_bands
 
     if len(args.runs) < 2:
         raise UserError("give at least two profile runs to relate")

@@ -20,7 +20,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..report import write_report
+    from ..outputs.report.sections import write_report
 
     q = args.gamma_quantile if args.gamma_quantile is not None else \
         (None if args.gamma is not None else 0.1)

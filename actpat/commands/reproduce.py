@@ -83,7 +83,7 @@ def run(args) -> int:
     if args.experiment == "fig1":
         return _fig1(args)
     try:
-        from .. import experiments_similarity as sim
+        from ..experiments import similarity as sim
     except ImportError:
         raise UserError(f"`reproduce {args.experiment}` needs actpat.experiments_similarity, "
                         "which this installation lacks; use `actpat similarity|relate|sts`") \
@@ -95,7 +95,7 @@ def run(args) -> int:
                             "directories, e.g. from `actpat reproduce fig1`)")
         sim.reproduce_relatedness(args.runs, out)
         return 0
-    from ..models import load_model
+    from ..models.loading import load_model
 
     lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     if args.experiment == "similarity":
@@ -108,8 +108,8 @@ def run(args) -> int:
 
 
 def _pruning(args) -> int:
-    from ..evaluation import parse_tasks
-    from ..experiments import (ZERO_SHOT, Settings, calibration_configs, reproduce_calibration,
+    from ..evaluation.evaluate import parse_tasks
+    from ..experiments.runner import (ZERO_SHOT, Settings, calibration_configs, reproduce_calibration,
                                reproduce_table1, table1_configs, write_calibration_summary)
 
     for name in ("windows", "zero_shot_limit", "calibration_samples", "profile_samples",
@@ -129,7 +129,7 @@ def _pruning(args) -> int:
         else ZERO_SHOT
     if args.experiment == "table1":
         seeded = tuple(a.strip() for a in args.seeded_allocations.split(",") if a.strip())
-        from ..allocation import ALLOCATORS
+        from ..sparsity.allocation import ALLOCATORS
 
         bad = [a for a in seeded if a not in ALLOCATORS]
         if bad:
@@ -183,10 +183,10 @@ def _relatedness(path: str | None) -> dict | None:
 
 def _fig1(args) -> int:
     """Profiles of several datasets, their counts and Figure 1 (skips finished profiles)."""
-    from ..data import sample_sequences
-    from ..models import load_model
-    from ..plots import plot_layer_counts
-    from ..profile import PROFILE_FILE, Profile, compute_profile, counts, write_json
+    from ..data.datasets import sample_sequences
+    from ..models.loading import load_model
+    from ..outputs.plots import plot_layer_counts
+    from ..activation.profiling import PROFILE_FILE, Profile, compute_profile, counts, write_json
 
     out = Path(args.out)
     datasets = [d.strip() for d in (args.datasets or FIG1_DATASETS).split(",") if d.strip()]

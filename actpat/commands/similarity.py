@@ -59,9 +59,9 @@ def similarity_run(lm, datasets: list[str], pairs: int, seq_len: int, seed: int 
     import resource
     import time
 
-    from ..data import sample_sequences
-    from ..profile import versions
-    from ..similarity import comparison_json, group_similarity, pair_similarity
+    from ..data.datasets import sample_sequences
+    from ..activation.profiling import versions
+    from ..analysis.similarity import comparison_json, group_similarity, pair_similarity
 
     context = getattr(lm.model.config, "max_position_embeddings", None)
     if context and seq_len > context:
@@ -116,8 +116,8 @@ def similarity_run(lm, datasets: list[str], pairs: int, seq_len: int, seed: int 
 def write_outputs(result: dict, out) -> None:
     from pathlib import Path
 
-    from ..plots import plot_similarity_boxes, plot_similarity_medians
-    from ..profile import write_json
+    from ..outputs.plots import plot_similarity_boxes, plot_similarity_medians
+    from ..activation.profiling import write_json
 
     out = Path(out)
     write_json(out / "similarity.json", result)

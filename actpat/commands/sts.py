@@ -42,7 +42,7 @@ def parse_pair_fields(text: str | None) -> tuple[str, str, str] | None:
 
 def run(args) -> int:
     from ..runs import run_pairs_command
-    from ..sts import load_pairs
+    from ..analysis.sts import load_pairs
 
     fields = parse_pair_fields(args.pair_fields)
     if args.samples < 0:
@@ -63,8 +63,8 @@ def run(args) -> int:
 def sts_run(lm, pairs, max_tokens: int = 128, pairs_per_batch: int = 8,
             objective: str = "max-logit", bootstrap: int = 1000, seed: int = 0,
             progress: bool = True) -> dict:
-    from ..profile import versions
-    from ..sts import run_sts
+    from ..activation.profiling import versions
+    from ..analysis.sts import run_sts
 
     result = run_sts(lm, pairs, max_tokens, pairs_per_batch, objective, bootstrap, seed,
                      progress=progress)
@@ -77,8 +77,8 @@ def sts_run(lm, pairs, max_tokens: int = 128, pairs_per_batch: int = 8,
 def write_outputs(result: dict, out) -> None:
     from pathlib import Path
 
-    from ..plots import plot_sts_layers
-    from ..profile import write_json
+    from ..outputs.plots import plot_sts_layers
+    from ..activation.profiling import write_json
 
     out = Path(out)
     write_json(out / "sts.json", result)

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import random
 
-from .data import Samples, get_spec, is_path, load_records, record_texts, sample_sequences
-from .errors import UserError
+from .datasets import Samples, get_spec, is_path, load_records, record_texts, sample_sequences
+from ..errors import UserError
 
 DEFAULT_EXCLUDE_FIRST = 200
 

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from .data import corpus_text, default_data_dir
-from .errors import UserError
+from ..data.datasets import corpus_text, default_data_dir
+from ..errors import UserError
 from .tasks import TASKS
 
 PERPLEXITY_SPLITS = {"wikitext2": "test", "c4": "validation"}

@@ -33,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 STATE_FILE = "demo.json"
 OWNED = (STATE_FILE, "profiles", "figure1.png", "counts.json", "relate", "similarity", "sts",
@@ -105,7 +105,7 @@ class DemoContext:
 
     def load(self):
         if self.lm is None:
-            from .models import load_model
+            from ..models.loading import load_model
 
             self.lm = load_model(self.model, self.device)
         return self.lm
@@ -147,7 +147,7 @@ def choose_data(data_dir: str | None) -> tuple[str, str | None, str]:
 
 def run_command(argv: list[str]) -> int:
     """Run one actpat command in this process (its ``run``), raising UserError on bad input."""
-    from .cli import build_parser
+    from ..cli import build_parser
 
     args = build_parser().parse_args(argv)
     if not getattr(args, "_run", None):
@@ -164,7 +164,7 @@ def _say(ctx: DemoContext, text: str) -> None:
 
 
 def _save_state(ctx: DemoContext) -> None:
-    from .profile import versions, write_json
+    from ..activation.profiling import versions, write_json
 
     write_json(ctx.out / STATE_FILE, {
         "kind": "actpat-demo", "model": ctx.model, "data_mode": ctx.mode,
@@ -189,8 +189,8 @@ def _profile_datasets(ctx: DemoContext) -> tuple[str, ...]:
 
 
 def step_profiles(ctx: DemoContext) -> str | None:
-    from .data import sample_sequences
-    from .profile import compute_profile
+    from ..data.datasets import sample_sequences
+    from ..activation.profiling import compute_profile
 
     notes = []
     for name in _profile_datasets(ctx):
@@ -221,8 +221,8 @@ def step_profiles(ctx: DemoContext) -> str | None:
 
 
 def step_figure1(ctx: DemoContext) -> str | None:
-    from .plots import plot_layer_counts
-    from .profile import Profile, counts, threshold, write_json
+    from ..outputs.plots import plot_layer_counts
+    from ..activation.profiling import Profile, counts, threshold, write_json
 
     rows = []
     dirs = profile_dirs(ctx)
@@ -342,7 +342,7 @@ def step_eval(ctx: DemoContext) -> str | None:
 
 
 def step_report(ctx: DemoContext) -> str | None:
-    from .report import write_report
+    from ..outputs.report.sections import write_report
 
     info = write_report([ctx.out], ctx.out / "report.html",
                         title=f"actpat demo: {ctx.model} ({ctx.mode} data)")
@@ -387,7 +387,7 @@ def run_demo(out: str | Path, model: str = "smollm2-135m", quick: bool = False,
              data_dir: str | None = None, seed: int = 0, device: str = "auto",
              quiet: bool = False, overwrite: bool = False, only: list[str] | None = None) -> dict:
     """Run (or resume) every step; return the state written to ``<out>/demo.json``."""
-    from .runs import prepare_out_dir
+    from ..runs import prepare_out_dir
 
     out = prepare_out_dir(out, overwrite, owned=OWNED)
     mode, data_dir, sentence = choose_data(data_dir)

@@ -18,9 +18,9 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .errors import UserError
-from .evaluation import PERPLEXITY_SPLITS, evaluate
-from .profile import write_json
+from ..errors import UserError
+from ..evaluation.evaluate import PERPLEXITY_SPLITS, evaluate
+from ..activation.profiling import write_json
 
 CONFIG_DIR = "configs"
 COUNTS_PROFILE = "counts-profile"
@@ -138,13 +138,13 @@ class _Context:
 
 
 def _load(settings: Settings):
-    from .models import load_model
+    from ..models.loading import load_model
 
     return load_model(settings.model, settings.device, settings.dtype)
 
 
 def _calibration(lm, settings: Settings, cfg: Config):
-    from .calibration import DEFAULT_EXCLUDE_FIRST, calibration_sequences
+    from ..data.calibration import DEFAULT_EXCLUDE_FIRST, calibration_sequences
 
     split = CALIBRATION_SPLITS.get(cfg.calibration)  # never the evaluated split of a corpus
     # QA sets: the evaluated items (the first zero_shot_limit) never calibrate
@@ -160,8 +160,8 @@ def _activation_counts(ctx: _Context, lm):
     set (so every activation row of a run shares the same N_i, in whatever order rows run)."""
     if ctx.counts is not None:
         return ctx.counts
-    from .allocation import activation_counts
-    from .profile import PROFILE_FILE, compute_profile
+    from ..sparsity.allocation import activation_counts
+    from ..activation.profiling import PROFILE_FILE, compute_profile
 
     s = ctx.settings
     if s.profile_dir:
@@ -183,8 +183,8 @@ def _activation_counts(ctx: _Context, lm):
 
 def layer_sparsities(ctx: _Context, lm, cfg: Config, calib) -> tuple[list[float], dict]:
     """S_i for ``cfg`` and what they were computed from."""
-    from .allocation import allocate
-    from .models import decoder_layers
+    from ..sparsity.allocation import allocate
+    from ..models.loading import decoder_layers
 
     if cfg.pattern != "unstructured":
         n = len(decoder_layers(lm.model))
@@ -203,8 +203,8 @@ def layer_sparsities(ctx: _Context, lm, cfg: Config, calib) -> tuple[list[float]
 
 def run_config(ctx: _Context, cfg: Config) -> dict:
     """Prune a fresh model as ``cfg`` says, evaluate it, return the result record."""
-    from .profile import versions
-    from .pruning import prune_model
+    from ..activation.profiling import versions
+    from ..sparsity.layerwise import prune_model
 
     s = ctx.settings
     start = time.perf_counter()
@@ -291,7 +291,7 @@ def write_summary(out: str | Path) -> None:
     """The run directory's results so far, every configuration in it: ``OUT/results.json`` (the
     records), ``OUT/table.md`` (``table_markdown``) and ``OUT/sparsities.png`` (S_i per layer
     of each allocator, seed 0, one line per allocator and sparsity)."""
-    from .plots import plot_allocation
+    from ..outputs.plots import plot_allocation
 
     out = Path(out)
     results = load_results(out)
@@ -348,7 +348,7 @@ def write_calibration_summary(out: str | Path, configs: list[Config],
     Uses every zero-shot record in ``OUT`` pruned like the pruned ``configs`` (same pruner,
     allocation, sparsity and pattern; any calibration set and seed), and the dense ones: runs
     made with ``--seed 1`` then ``--seed 2`` are averaged together."""
-    from .findings import calibration_specificity
+    from ..analysis.findings import calibration_specificity
 
     kinds = {(c.pruner, c.allocation, c.sparsity, c.pattern) for c in configs if c.pruner}
     records = [r for r in load_results(out) if any(t in ZERO_SHOT for t in r["config"]["evals"])
@@ -362,7 +362,7 @@ def write_calibration_summary(out: str | Path, configs: list[Config],
     (Path(out) / "calibration.md").write_text(calibration_markdown(spec) + "\n")
     shown = spec.get("acc_balanced") or spec["acc"]  # the bias-robust metric when recorded
     if shown["tasks"] and shown["calibrations"]:
-        from .plots import plot_calibration
+        from ..outputs.plots import plot_calibration
 
         plot_calibration(shown, Path(out) / "calibration.png")
     return spec

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models import LoadedModel, ScoredMatrix
+from ..models.loading import LoadedModel, ScoredMatrix
 
 FINDING2_DATASETS = ("boolq", "mmlu", "humaneval", "siqa", "hellaswag", "c4", "wikitext2")
 CHECKPOINT = "checkpoint.jsonl"
@@ -47,7 +47,7 @@ class GroupMeans:
         self.count += 2
 
     def profiles(self, mats: list[ScoredMatrix], meta: dict) -> dict:
-        from .profile import Profile
+        from ..activation.profiling import Profile
 
         return {n: Profile({k: (v / max(1, self.count)).cpu() for k, v in self.sums[n].items()},
                            {m.name: m.layer for m in mats}, {m.name: m.matrix for m in mats},
@@ -76,11 +76,11 @@ def reproduce_similarity(lm: LoadedModel, out, datasets=FINDING2_DATASETS, pairs
     """
     from tqdm.auto import tqdm
 
-    from .commands.similarity import write_outputs
-    from .data import sample_sequences
-    from .models import scored_matrices
-    from .profile import versions
-    from .similarity import (comparison_json, group_batches, group_comparisons, score_grams,
+    from ..commands.similarity import write_outputs
+    from ..data.datasets import sample_sequences
+    from ..models.loading import scored_matrices
+    from ..activation.profiling import versions
+    from ..analysis.similarity import (comparison_json, group_batches, group_comparisons, score_grams,
                              stack_pairs)
 
     out = Path(out)
@@ -161,7 +161,7 @@ def reproduce_similarity(lm: LoadedModel, out, datasets=FINDING2_DATASETS, pairs
 def reproduce_relatedness(runs: list[str], out, reference: str = "c4",
                           layers: str | None = None) -> dict:
     """Figure 6: dataset x dataset similarity of saved profiles, with heatmaps per band."""
-    from .cli import main
+    from ..cli import main
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,7 +171,7 @@ def reproduce_relatedness(runs: list[str], out, reference: str = "c4",
     rc = main(argv + ["--band", "deep", "--plot", str(out / "relatedness_deep.png")])
     if rc:
         raise RuntimeError(f"actpat relate failed ({rc})")
-    from .plots import plot_relatedness
+    from ..outputs.plots import plot_relatedness
 
     res = json.loads((out / "relate.json").read_text())
     for band, b in res["bands"].items():
@@ -198,10 +198,10 @@ def reproduce_sts(lm: LoadedModel, out, dataset: str = "stsb", samples: int | No
 
     from tqdm.auto import tqdm
 
-    from .commands.sts import write_outputs
-    from .profile import versions
-    from .similarity import pair_similarity
-    from .sts import Pairs, encode_pairs, hidden_state_similarity, load_pairs, sts_statistics
+    from ..commands.sts import write_outputs
+    from ..activation.profiling import versions
+    from ..analysis.similarity import pair_similarity
+    from ..analysis.sts import Pairs, encode_pairs, hidden_state_similarity, load_pairs, sts_statistics
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -275,7 +275,7 @@ def summarize_finding2(result: dict) -> dict:
     over all within- and all cross-domain comparisons, with the shallow - deep difference and
     the share of cross-domain comparisons whose shallow mean exceeds their deep mean.
     """
-    from .similarity import relate_bands
+    from ..analysis.similarity import relate_bands
 
     bands = relate_bands(result["num_layers"])
     rows = []

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 # --------------------------------------------------------------------------- adapters
 

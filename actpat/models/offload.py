@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 from .memory import available_ram, parse_size
 
 
@@ -54,7 +54,7 @@ def load_dispatched(spec: str, dtype: str = "float32", max_memory: str | None = 
     """Load ``spec`` (alias, .gguf, directory, hub id) dispatched over GPU / CPU / disk."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .models import LoadedModel, get_adapter, gguf_to_safetensors, parse_dtype, resolve_spec
+    from .loading import LoadedModel, get_adapter, gguf_to_safetensors, parse_dtype, resolve_spec
 
     resolved = resolve_spec(spec)
     identity = {"spec": spec, "path": resolved}
@@ -121,7 +121,7 @@ class LayerOffload:
     """
 
     def __init__(self, model, device: torch.device | str, offload_device: str = "cpu"):
-        from .models import decoder_layers
+        from .loading import decoder_layers
 
         self.layers = list(decoder_layers(model))
         self.device = torch.device(device)
@@ -167,7 +167,7 @@ def prune_offloaded(model, calib_sequences, sparsities, pruner="wanda", pattern=
     each decoder layer comes onto ``device`` for its calibration passes and its pruning, then
     goes back. The report gains ``offload`` (the device and the order layers were loaded in).
     """
-    from .pruning import prune_model
+    from ..sparsity.layerwise import prune_model
 
     model.to("cpu")
     with LayerOffload(model, device) as off:

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 MAX_SPARSITY = 0.999  # the largest S_i any allocator returns (S_i < 1: a layer keeps weights)
 
@@ -130,7 +130,7 @@ def allocate(method: str, sparsity: float, *, counts: list[int] | None = None,
 
 def model_layer_sizes(model) -> list[int]:
     """Number of scored weights in each decoder layer."""
-    from .models import scored_matrices
+    from ..models.loading import scored_matrices
 
     sizes: dict[int, int] = {}
     for m in scored_matrices(model):
@@ -143,7 +143,7 @@ def _num_layers(counts, layer_sizes, model, kw) -> int:
         if x is not None:
             return len(x)
     if model is not None:
-        from .models import decoder_layers
+        from ..models.loading import decoder_layers
 
         return len(decoder_layers(model))
     if kw.get("num_layers"):
@@ -200,8 +200,8 @@ def owl(sparsity, *, model=None, calib_inputs=None, owl_m=5.0, owl_lambda=0.08,
     if model is None or calib_inputs is None:
         raise UserError("the owl allocation needs the model and calibration data (Wanda "
                         "scores): give --model and --calibration")
-    from .models import scored_matrices
-    from .pruning import collect_input_norms
+    from ..models.loading import scored_matrices
+    from .layerwise import collect_input_norms
 
     norms = collect_input_norms(model, calib_inputs, batch_size=batch_size, progress=progress)
     per_layer: dict[int, list] = {}
@@ -272,7 +272,7 @@ def alphapruning_formula(block_alphas, sparsity: float, eps: float = 0.3,
 def alphapruning(sparsity, *, model=None, layer_sizes=None, eps=0.3, **kw) -> list[float]:
     if model is None:
         raise UserError("the alphapruning allocation needs the model's weights: give --model")
-    from .models import scored_matrices
+    from ..models.loading import scored_matrices
 
     per_layer: dict[int, list[float]] = {}
     for sm in scored_matrices(model):
@@ -289,7 +289,7 @@ def alphapruning(sparsity, *, model=None, layer_sizes=None, eps=0.3, **kw) -> li
 
 def check_profile(profile, lm) -> None:
     """UserError unless ``profile`` was computed on ``lm``'s weights (identity and modules)."""
-    from .models import scored_matrices
+    from ..models.loading import scored_matrices
 
     theirs = profile.meta.get("model") or {}
     ours = lm.identity or {}
@@ -313,7 +313,7 @@ def activation_counts(*, profile_dir=None, lm=None, calib_sequences=None, gamma=
     """The N_i for the ``activation`` allocator: from a saved profile (checked against ``lm``
     when given) or by profiling ``calib_sequences`` on ``lm`` now. gamma defaults to the
     0.1 quantile (10% of all scored weights count as activated). Returns (Counts, info)."""
-    from .profile import Profile, compute_profile, counts
+    from ..activation.profiling import Profile, compute_profile, counts
 
     if gamma is None and gamma_quantile is None:
         gamma_quantile = 0.1

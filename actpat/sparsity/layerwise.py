@@ -48,8 +48,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError
-from .models import ScoredMatrix, decoder_layers, scored_matrices
+from ..errors import UserError
+from ..models.loading import ScoredMatrix, decoder_layers, scored_matrices
 
 PRUNE_RECORD = "actpat_prune.json"
 
@@ -459,7 +459,7 @@ def model_sparsity(model: nn.Module) -> float:
 def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, record: dict) -> Path:
     """Write a Hugging Face checkpoint (safetensors, config without ``quantization_config``,
     tokenizer) and ``actpat_prune.json`` (``record`` plus the achieved sparsity)."""
-    from .profile import write_json
+    from ..activation.profiling import write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -488,4 +488,4 @@ def load_record(directory: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-from .calibration import calibration_sequences  # noqa: E402,F401  (part of this module's API)
+from ..data.calibration import calibration_sequences  # noqa: E402,F401  (part of this module's API)

@@ -38,7 +38,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
+from ...errors import UserError
 
 # Files that are never results (Hugging Face model and tokenizer files of a pruned model, ...).
 NOT_RESULTS = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -244,8 +244,8 @@ class Section:
 def profile_sections(arts: list[Artifact], gamma: float | None,
                      gamma_quantile: float | None) -> list[Section]:
     """Figure 1 (activated weights per layer) for all profiles; relatedness per model."""
-    from .plots import plot_layer_counts
-    from .profile import Profile, counts, threshold
+    from ..plots import plot_layer_counts
+    from ...activation.profiling import Profile, counts, threshold
 
     if not arts:
         return []
@@ -329,7 +329,7 @@ def _band_heatmaps(names: list[str], matrices: dict) -> bytes:
 
 def _relatedness_sections(loaded) -> list[Section]:
     """Dataset x dataset similarity of mean profiles (paper Figure 6), per model with >= 2 runs."""
-    from .similarity import dataset_similarity, relate_bands
+    from ...analysis.similarity import dataset_similarity, relate_bands
 
     groups: dict[str, list] = {}
     for a, p in loaded:
@@ -904,7 +904,7 @@ CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
 
 
 def render_html(sections: list[Section], notes: list[str], title: str = "actpat report") -> str:
-    from . import __version__
+    from ... import __version__
 
     nav = "".join(f'<li><a href="#{s.id}">{_esc(s.title)}</a></li>' for s in sections)
     parts = [
