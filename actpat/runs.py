@@ -1,7 +1,9 @@
-"""Run directories: refuse to overwrite foreign content, and small shared helpers."""
+"""Run directories and artifacts: refuse to overwrite foreign content, atomic JSON, versions."""
 
 from __future__ import annotations
 
+import json
+import platform
 from pathlib import Path
 
 from .errors import UserError
@@ -47,3 +49,21 @@ def run_pairs_command(args, owned: tuple[str, ...], compute, write) -> int:
             write(result, args.out)
         barrier(ctx)
     return 0
+
+
+def write_json(path: str | Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"actpat": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}

@@ -11,8 +11,10 @@ from actpat.data.calibration import calibration_sequences
 from actpat.cli import main
 from actpat.errors import UserError
 from actpat.models.loading import decoder_layers, scored_matrices
-from actpat.sparsity.layerwise import (PRUNE_RECORD, capture_layer_inputs, load_record, nm_mask,
-                            parse_pattern, prune_model, row_mask, save_pruned, sparsegpt_prune)
+from actpat.sparsity.layerwise import capture_layer_inputs, prune_model
+from actpat.sparsity.pruners import sparsegpt_prune
+from actpat.sparsity.masks import nm_mask, parse_pattern, row_mask
+from actpat.sparsity.saving import PRUNE_RECORD, load_record, save_pruned
 from tiny import ARCHS, VOCAB, tiny_model
 from tinylm import CHARS, SPECIAL, char_tokenizer, save_tiny_lm
 
@@ -375,7 +377,7 @@ def test_cli_prune_smollm2_end_to_end(tmp_path, data_dir, smollm2):
 
 
 def test_mask_selection_equals_stable_sort_with_many_ties():
-    from actpat.sparsity.layerwise import matrix_mask
+    from actpat.sparsity.masks import matrix_mask
 
     g = torch.Generator().manual_seed(0)
     for _ in range(200):

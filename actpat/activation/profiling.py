@@ -14,7 +14,6 @@ of all scored weights lies above it (``gamma_quantile``), which transfers across
 from __future__ import annotations
 
 import json
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..errors import UserError
+from ..runs import versions, write_json
 from .metric import MeanAccumulator, pad_batch, score_batch
 from ..models.loading import LoadedModel, scored_matrices
 
@@ -82,21 +82,6 @@ class Profile:
                             "re-run `actpat profile` for it")
         return cls({k: maps[k] for k in order}, {m["name"]: m["layer"] for m in modules},
                    {m["name"]: m["matrix"] for m in modules}, summary)
-
-
-def write_json(path: str | Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
-def versions() -> dict:
-    import transformers
-
-    return {"actpat": __version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
 
 
 # --------------------------------------------------------------------------- computing

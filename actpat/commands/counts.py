@@ -23,7 +23,8 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..outputs.plots import plot_layer_counts
-    from ..activation.profiling import Profile, counts, threshold, write_json
+    from ..activation.profiling import Profile, counts, threshold
+    from ..runs import write_json
 
     if args.gamma is None and args.gamma_quantile is None:
         args.gamma_quantile = 0.1

@@ -27,7 +27,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ..evaluation.evaluate import evaluate, format_table, parse_tasks
     from ..models.loading import load_model
-    from ..activation.profiling import write_json
+    from ..runs import write_json
 
     tasks = parse_tasks(args.tasks)
     if args.limit is not None and args.limit < 1:

@@ -7,8 +7,8 @@ import time
 
 from ..cli import add_common
 from ..errors import UserError
-from .allocate import (add_allocation_arguments, add_calibration_arguments, calibration_info,
-                       load_calibration, resolve_allocation)
+from .allocate import (add_allocation_arguments, add_calibration_arguments, allocation_needs,
+                       calibration_info, load_calibration, resolve_allocation)
 
 HELP = "prune a model (wanda, sparsegpt, magnitude; unstructured or N:M) and save it"
 
@@ -19,7 +19,7 @@ OWNED = ("config.json", "generation_config.json", "model.safetensors",
 
 
 def add_arguments(p) -> None:
-    from ..sparsity.layerwise import PRUNERS
+    from ..sparsity.pruners import PRUNERS
 
     p.add_argument("--model", required=True, help="alias (smollm2-135m), .gguf, directory, hub id")
     p.add_argument("--sparsity", type=float, required=True, help="target S in [0, 1)")
@@ -36,13 +36,15 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..sparsity.allocation import check_sparsity
     from ..models.loading import load_model
-    from ..activation.profiling import versions
-    from ..sparsity.layerwise import get_pruner, parse_pattern, prune_model, save_pruned
+    from ..runs import versions
+    from ..sparsity.layerwise import prune_model
+    from ..sparsity.pruners import get_pruner
+    from ..sparsity.masks import parse_pattern, validate_sparsity
+    from ..sparsity.saving import save_pruned
     from ..runs import prepare_out_dir
 
-    check_sparsity(args.sparsity)
+    validate_sparsity(args.sparsity)
     pruner = get_pruner(args.pruner)
     nm = parse_pattern(args.pattern)
     if nm and args.allocation != "uniform":
@@ -56,8 +58,7 @@ def run(args) -> int:
     offload = getattr(args, "offload", "none") == "cpu"
     lm = load_model(args.model, "cpu" if offload else args.device, args.dtype,
                     args.trust_remote_code)
-    needs_calib = pruner.stat is not None or args.allocation == "owl" or \
-        (args.allocation == "activation" and args.profile is None)
+    needs_calib = pruner.stat is not None or "calibration" in allocation_needs(args, args.allocation)
     samples = load_calibration(args, lm) if needs_calib else None
     sparsities, alloc = resolve_allocation(args, args.allocation, lm, samples)
     if offload:

@@ -45,7 +45,8 @@ def parse_layers(text: str, num_layers: int) -> tuple[int, int]:
 
 def run(args) -> int:
     from ..outputs.plots import plot_relatedness
-    from ..activation.profiling import Profile, write_json
+    from ..activation.profiling import Profile
+    from ..runs import write_json
     from ..analysis.similarity import dataset_similarity, relate_bands
 
     if len(args.runs) < 2:

@@ -186,7 +186,8 @@ def _fig1(args) -> int:
     from ..data.datasets import sample_sequences
     from ..models.loading import load_model
     from ..outputs.plots import plot_layer_counts
-    from ..activation.profiling import PROFILE_FILE, Profile, compute_profile, counts, write_json
+    from ..activation.profiling import PROFILE_FILE, Profile, compute_profile, counts
+    from ..runs import write_json
 
     out = Path(args.out)
     datasets = [d.strip() for d in (args.datasets or FIG1_DATASETS).split(",") if d.strip()]

@@ -60,7 +60,7 @@ def similarity_run(lm, datasets: list[str], pairs: int, seq_len: int, seed: int 
     import time
 
     from ..data.datasets import sample_sequences
-    from ..activation.profiling import versions
+    from ..runs import versions
     from ..analysis.similarity import comparison_json, group_similarity, pair_similarity
 
     context = getattr(lm.model.config, "max_position_embeddings", None)
@@ -117,7 +117,7 @@ def write_outputs(result: dict, out) -> None:
     from pathlib import Path
 
     from ..outputs.plots import plot_similarity_boxes, plot_similarity_medians
-    from ..activation.profiling import write_json
+    from ..runs import write_json
 
     out = Path(out)
     write_json(out / "similarity.json", result)

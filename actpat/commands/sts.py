@@ -63,7 +63,7 @@ def run(args) -> int:
 def sts_run(lm, pairs, max_tokens: int = 128, pairs_per_batch: int = 8,
             objective: str = "max-logit", bootstrap: int = 1000, seed: int = 0,
             progress: bool = True) -> dict:
-    from ..activation.profiling import versions
+    from ..runs import versions
     from ..analysis.sts import run_sts
 
     result = run_sts(lm, pairs, max_tokens, pairs_per_batch, objective, bootstrap, seed,
@@ -78,7 +78,7 @@ def write_outputs(result: dict, out) -> None:
     from pathlib import Path
 
     from ..outputs.plots import plot_sts_layers
-    from ..activation.profiling import write_json
+    from ..runs import write_json
 
     out = Path(out)
     write_json(out / "sts.json", result)

@@ -164,7 +164,7 @@ def _say(ctx: DemoContext, text: str) -> None:
 
 
 def _save_state(ctx: DemoContext) -> None:
-    from ..activation.profiling import versions, write_json
+    from ..runs import versions, write_json
 
     write_json(ctx.out / STATE_FILE, {
         "kind": "actpat-demo", "model": ctx.model, "data_mode": ctx.mode,
@@ -222,7 +222,8 @@ def step_profiles(ctx: DemoContext) -> str | None:
 
 def step_figure1(ctx: DemoContext) -> str | None:
     from ..outputs.plots import plot_layer_counts
-    from ..activation.profiling import Profile, counts, threshold, write_json
+    from ..activation.profiling import Profile, counts, threshold
+    from ..runs import write_json
 
     rows = []
     dirs = profile_dirs(ctx)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..evaluation.evaluate import PERPLEXITY_SPLITS, evaluate
-from ..activation.profiling import write_json
+from ..runs import write_json
 
 CONFIG_DIR = "configs"
 COUNTS_PROFILE = "counts-profile"
@@ -183,19 +183,20 @@ def _activation_counts(ctx: _Context, lm):
 
 def layer_sparsities(ctx: _Context, lm, cfg: Config, calib) -> tuple[list[float], dict]:
     """S_i for ``cfg`` and what they were computed from."""
-    from ..sparsity.allocation import allocate
     from ..models.loading import decoder_layers
+    from ..sparsity.allocation import ALLOCATORS, allocate
 
     if cfg.pattern != "unstructured":
         n = len(decoder_layers(lm.model))
         return [cfg.sparsity] * n, {"method": "uniform (N:M fixes every layer)"}
     info: dict = {"method": cfg.allocation}
     kwargs: dict = {"model": lm.model}
-    if cfg.allocation == "activation":
+    needs = ALLOCATORS.get(cfg.allocation).needs
+    if "counts" in needs:
         counts, source = _activation_counts(ctx, lm)
         kwargs["counts"] = counts.layer_counts
         info["counts"] = source
-    if cfg.allocation == "owl":
+    if "calibration" in needs:
         kwargs["calib_inputs"] = calib.sequences
         kwargs["batch_size"] = ctx.settings.batch_size
     return allocate(cfg.allocation, cfg.sparsity, **kwargs), info
@@ -203,7 +204,7 @@ def layer_sparsities(ctx: _Context, lm, cfg: Config, calib) -> tuple[list[float]
 
 def run_config(ctx: _Context, cfg: Config) -> dict:
     """Prune a fresh model as ``cfg`` says, evaluate it, return the result record."""
-    from ..activation.profiling import versions
+    from ..runs import versions
     from ..sparsity.layerwise import prune_model
 
     s = ctx.settings

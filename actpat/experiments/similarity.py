@@ -79,7 +79,7 @@ def reproduce_similarity(lm: LoadedModel, out, datasets=FINDING2_DATASETS, pairs
     from ..commands.similarity import write_outputs
     from ..data.datasets import sample_sequences
     from ..models.loading import scored_matrices
-    from ..activation.profiling import versions
+    from ..runs import versions
     from ..analysis.similarity import (comparison_json, group_batches, group_comparisons, score_grams,
                              stack_pairs)
 
@@ -199,7 +199,7 @@ def reproduce_sts(lm: LoadedModel, out, dataset: str = "stsb", samples: int | No
     from tqdm.auto import tqdm
 
     from ..commands.sts import write_outputs
-    from ..activation.profiling import versions
+    from ..runs import versions
     from ..analysis.similarity import pair_similarity
     from ..analysis.sts import Pairs, encode_pairs, hidden_state_similarity, load_pairs, sts_statistics
 

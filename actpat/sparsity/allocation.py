@@ -15,7 +15,7 @@ is the target S (weights: the number of scored weights in each layer) and with e
   (all scored matrices of the layer together) above M * their mean; O is normalised to
   [0, 2*lambda] (O~ = (O - min O) / (max O - min O) * 2*lambda) and S_i = 1 - (O~_i - mean O~ +
   1 - S). The input norms come from a dense sequential pass over the calibration data
-  (``actpat.pruning.collect_input_norms``: each layer sees the outputs of the dense previous
+  (``sparsity.layerwise.collect_input_norms``: each layer sees the outputs of the dense previous
   layers, as OWL's code does before pruning).
 * ``alphapruning`` (Lu et al. 2024): heavy-tail exponent alpha of each scored matrix's
   eigenvalue spectrum (eigenvalues of W^T W = squared singular values), fitted by the Hill
@@ -26,58 +26,58 @@ is the target S (weights: the number of scored weights in each layer) and with e
 After an allocator has produced its S_i, ``fix_mean`` enforces the invariants: a common factor
 brings the weighted mean to S, values are clipped into [0, MAX_SPARSITY] and the excess is
 redistributed over the unclipped layers (repeating until nothing moves).
-Adding an allocator is one ``register_allocator(name)`` decorated function.
+Adding an allocator is one ``@register_allocator(name, needs=..., options=...)`` function;
+``actpat allocate --method`` / ``actpat prune --allocation`` and their flags follow from it.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import UserError
+from ..registry import Registry
+from .masks import validate_sparsity
 
 MAX_SPARSITY = 0.999  # the largest S_i any allocator returns (S_i < 1: a layer keeps weights)
 
-ALLOCATORS: dict[str, Callable[..., list[float]]] = {}
+
+@dataclass(frozen=True)
+class Option:
+    """One setting of an allocator: the keyword ``name`` of ``allocate`` and the command-line
+    flag ``--name`` (underscores as dashes) of ``actpat allocate`` and ``actpat prune``."""
+
+    name: str
+    default: float
+    help: str
 
 
-def register_allocator(name: str):
+@dataclass(frozen=True)
+class Allocator:
+    """``fn(sparsity, *, counts, layer_sizes, model, calib_inputs, **options) -> S_i``.
+
+    ``needs``: what the allocator reads besides S: ``"counts"`` (activated-weight counts N_i,
+    from a profile), ``"model"`` (the weights), ``"calibration"`` (token sequences; implies the
+    model). The command line loads exactly what ``needs`` names and records ``options``.
+    """
+
+    name: str
+    fn: Callable[..., list[float]]
+    needs: frozenset[str] = frozenset()
+    options: tuple[Option, ...] = ()
+
+
+ALLOCATORS: Registry[Allocator] = Registry("allocation")
+
+
+def register_allocator(name: str, *, needs: tuple[str, ...] = (), options: tuple[Option, ...] = ()):
+    """Decorator: register ``fn`` as the allocator ``name`` (one entry; the CLI follows)."""
     def deco(fn):
-        ALLOCATORS[name] = fn
+        ALLOCATORS.add(name, Allocator(name, fn, frozenset(needs), tuple(options)))
         return fn
     return deco
-
-
-@dataclass
-class AllocationConfig:
-    """Everything an allocation depends on, recorded beside a pruned model."""
-
-    method: str = "uniform"
-    sparsity: float = 0.5
-    alpha: float = 2.0  # activation: sigmoid shift
-    beta: float = 0.2  # activation: spread
-    owl_m: float = 5.0  # owl: outlier threshold multiple of the mean score
-    owl_lambda: float = 0.08  # owl: half-width of the sparsity range
-    eps: float = 0.3  # alphapruning: half-width of the range, relative to S
-    extra: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-def check_sparsity(sparsity: float) -> float:
-    if not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1 or math.isnan(sparsity):
-        raise UserError(f"sparsity must be in [0, 1) (got {sparsity}); e.g. --sparsity 0.5")
-    return float(sparsity)
-
-
-def weighted_mean(values: list[float], sizes: list[int] | None = None) -> float:
-    v = np.asarray(values, dtype=np.float64)
-    w = np.ones_like(v) if sizes is None else np.asarray(sizes, dtype=np.float64)
-    return float((v * w).sum() / w.sum())
 
 
 def fix_mean(values, sparsity: float, sizes: list[int] | None = None,
@@ -107,24 +107,27 @@ def fix_mean(values, sparsity: float, sizes: list[int] | None = None,
     return [float(x) for x in v]
 
 
-def allocate(method: str, sparsity: float, *, counts: list[int] | None = None,
-             layer_sizes: list[int] | None = None, model=None, calib_inputs=None,
-             alpha: float = 2.0, beta: float = 0.2, **kw) -> list[float]:
+def allocate(method: str, sparsity: float, *, counts=None, layer_sizes: list[int] | None = None,
+             model=None, calib_inputs=None, **kw) -> list[float]:
     """S_i per decoder layer for target ``sparsity`` by the allocator ``method``.
 
-    ``counts``: the activated-weight counts N_i (``activation``). ``layer_sizes``: scored
-    weights per layer (taken from ``model`` when omitted and a model is given). ``model`` and
-    ``calib_inputs`` (equal-length token sequences): needed by ``owl`` (and ``model`` by
-    ``alphapruning``). Extra keywords go to the allocator (``owl_m``, ``owl_lambda``, ``eps``,
-    ``batch_size``, ``num_layers``).
+    ``counts``: the activated-weight counts N_i (``activation``): a list, or the ``Counts`` of
+    ``activation.profiling.counts`` (its ``scored_per_layer`` then gives the layer sizes).
+    ``layer_sizes``: scored weights per layer (taken from ``model`` when omitted and a model is
+    given). ``model`` and ``calib_inputs`` (equal-length token sequences): needed by ``owl`` (and
+    ``model`` by ``alphapruning``). Extra keywords are the allocator's options (``alpha``,
+    ``beta``, ``owl_m``, ``owl_lambda``, ``eps``) or ``batch_size``, ``progress``, ``num_layers``.
     """
-    if method not in ALLOCATORS:
-        raise UserError(f"unknown allocation '{method}': use one of {', '.join(ALLOCATORS)}")
-    sparsity = check_sparsity(sparsity)
+    entry = ALLOCATORS.get(method)
+    sparsity = validate_sparsity(sparsity)
+    if hasattr(counts, "layer_counts"):
+        layer_sizes = layer_sizes or counts.scored_per_layer
+        counts = counts.layer_counts
     if layer_sizes is None and model is not None:
         layer_sizes = model_layer_sizes(model)
-    out = ALLOCATORS[method](sparsity, counts=counts, layer_sizes=layer_sizes, model=model,
-                             calib_inputs=calib_inputs, alpha=alpha, beta=beta, **kw)
+    options = {o.name: kw.pop(o.name, o.default) for o in entry.options}
+    out = entry.fn(sparsity, counts=counts, layer_sizes=layer_sizes, model=model,
+                   calib_inputs=calib_inputs, **options, **kw)
     return fix_mean(out, sparsity, layer_sizes)
 
 
@@ -168,7 +171,9 @@ def activation_formula(counts, sparsity: float, alpha: float = 2.0,
     return [float(x) for x in sparsity + beta * sparsity * (1.0 - share)]
 
 
-@register_allocator("activation")
+@register_allocator("activation", needs=("counts",), options=(
+    Option("alpha", 2.0, "activation: sigmoid shift (2)"),
+    Option("beta", 0.2, "activation: spread (0.2)")))
 def activation(sparsity, *, counts=None, alpha=2.0, beta=0.2, **kw) -> list[float]:
     if counts is None:
         raise UserError("the activation allocation needs activated-weight counts: give "
@@ -194,7 +199,9 @@ def outlier_ratio(scores: list, m: float = 5.0) -> float:
     return float((flat > m * flat.mean()).double().mean())
 
 
-@register_allocator("owl")
+@register_allocator("owl", needs=("model", "calibration"), options=(
+    Option("owl_m", 5.0, "owl: outlier multiple M (5)"),
+    Option("owl_lambda", 0.08, "owl: lambda (0.08)")))
 def owl(sparsity, *, model=None, calib_inputs=None, owl_m=5.0, owl_lambda=0.08,
         batch_size=8, progress=False, **kw) -> list[float]:
     if model is None or calib_inputs is None:
@@ -268,7 +275,8 @@ def alphapruning_formula(block_alphas, sparsity: float, eps: float = 0.3,
     return [float(x) for x in ratios * scale]
 
 
-@register_allocator("alphapruning")
+@register_allocator("alphapruning", needs=("model",), options=(
+    Option("eps", 0.3, "alphapruning: epsilon (0.3)"),))
 def alphapruning(sparsity, *, model=None, layer_sizes=None, eps=0.3, **kw) -> list[float]:
     if model is None:
         raise UserError("the alphapruning allocation needs the model's weights: give --model")

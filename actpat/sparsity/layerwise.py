@@ -1,4 +1,4 @@
-"""Pruning: pruners (a registry), N:M patterns, the sequential calibration loop, saving.
+"""The one sequential pruning loop: capture each decoder layer's inputs, prune, run on.
 
 The loop (as in Wanda / SparseGPT, written from their papers):
 
@@ -15,217 +15,22 @@ The loop (as in Wanda / SparseGPT, written from their papers):
    same input tensor (q/k/v, gate/up) share one accumulator. Each matrix is pruned, then the
    pruned layer runs again to produce the next layer's inputs.
 
-Pruners (``PRUNERS``):
-
-* ``magnitude``: the lowest |W| within each matrix (one threshold per matrix, as in Wanda's
-  magnitude baseline); needs no calibration data.
-* ``wanda``: score |W_ij| * ||X_j||_2; the lowest round(S_i * in) scores in every output row.
-* ``sparsegpt``: optimal-brain-surgeon reconstruction with H = X^T X (dampened by 1% of its
-  mean diagonal), columns processed in blocks of 128; the mask of each block is chosen when
-  the block is reached (adaptive) from w^2 / [H^-1]_cc^2 over the whole block, and pruned
-  weights' errors are compensated on the not yet processed columns.
-
-Ties (dequantised GGUF weights share values) are broken by a stable sort: among equal scores
-the lower column index is pruned first. Counts are rounded (never floored): a row keeps
-``in - round(S_i * in)`` weights, so the achieved sparsity is within half a weight per row of
-S_i. For ``magnitude`` the count is per matrix; for ``sparsegpt`` block counts follow the
-rounded cumulative target, so every matrix ends within one weight of round(S_i * numel).
-
-Patterns: ``unstructured``; ``N:M`` (``2:4``, ``4:8``): in every group of M consecutive input
-weights of a row, the N lowest-scored are zeroed (SparseGPT chooses them inside the OBS
-sweep, on the updated weights). The layer sparsities are then N/M whatever the allocation.
+The pruners themselves (``pruners``) and the masks (``masks``) are pure functions of one matrix;
+the loop only collects what a pruner's ``stat`` asks for.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import UserError
 from ..models.loading import ScoredMatrix, decoder_layers, scored_matrices
-
-PRUNE_RECORD = "actpat_prune.json"
-
-
-# --------------------------------------------------------------------------- patterns
-
-
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """``"unstructured"`` -> None; ``"N:M"`` -> (N, M) with 0 < N < M (N zeros per M)."""
-    if pattern == "unstructured":
-        return None
-    try:
-        n, m = (int(x) for x in str(pattern).split(":"))
-    except ValueError:
-        n = m = -1
-    if not 0 < n < m:
-        raise UserError(f"pattern '{pattern}' is not 'unstructured' or N:M with 0 < N < M "
-                        "(e.g. 2:4, 4:8)")
-    return n, m
-
-
-def _prune_count(total: int, sparsity: float) -> int:
-    """round(total * sparsity), halves rounded up (not Python's banker's rounding)."""
-    return min(total, int(math.floor(total * sparsity + 0.5)))
-
-
-def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Boolean prune mask: in each row the round(S * cols) lowest scores (stable ties)."""
-    return _lowest(scores, _prune_count(scores.shape[1], sparsity))
-
-
-def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask of the k lowest entries of each row, ties to the lower index: the first k of a
-    stable ascending sort, found with ``kthvalue`` (about 3x faster than sorting on CPU)."""
-    if k == 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
-    kth = scores.kthvalue(k, dim=-1, keepdim=True).values
-    below = scores < kth
-    tied = scores == kth
-    need = k - below.sum(-1, keepdim=True)
-    return below | (tied & (tied.cumsum(-1) <= need))
-
-
-def matrix_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Boolean prune mask: the ``count`` lowest scores of the whole matrix (stable ties)."""
-    return _lowest(scores.flatten(), count).view_as(scores)
-
-
-def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Boolean prune mask: the n lowest scores in each group of m consecutive columns."""
-    rows, cols = scores.shape
-    if cols % m:
-        raise UserError(f"a matrix with {cols} input columns cannot take an N:M pattern with "
-                        f"M={m}; use unstructured or an M dividing {cols}")
-    groups = scores.reshape(rows, cols // m, m)
-    idx = torch.sort(groups, dim=2, stable=True).indices[:, :, :n]
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, idx, True)
-    return mask.reshape(rows, cols)
-
-
-# --------------------------------------------------------------------------- pruners
-
-
-@dataclass(frozen=True)
-class Pruner:
-    """``stat``: the input statistic it needs ("norms", "hessian" or None).
-    ``prune(weight (out, in) float32, stat, sparsity, nm) -> new weight (out, in)``."""
-
-    name: str
-    stat: str | None
-    prune: Callable[[torch.Tensor, torch.Tensor | None, float, tuple[int, int] | None],
-                    torch.Tensor]
-
-
-PRUNERS: dict[str, Pruner] = {}
-
-
-def register_pruner(pruner: Pruner) -> Pruner:
-    PRUNERS[pruner.name] = pruner
-    return pruner
-
-
-def _apply(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return weight.masked_fill(mask, 0.0)
-
-
-def magnitude_prune(weight, stat, sparsity, nm):
-    scores = weight.abs()
-    if nm:
-        return _apply(weight, nm_mask(scores, *nm))
-    return _apply(weight, matrix_mask(scores, _prune_count(weight.numel(), sparsity)))
-
-
-def wanda_scores(weight: torch.Tensor, sumsq: torch.Tensor) -> torch.Tensor:
-    """|W_ij| * ||X_j||_2 from the per-column sums of squared inputs."""
-    return weight.abs() * sumsq.to(weight.dtype).sqrt().unsqueeze(0)
-
-
-def wanda_prune(weight, sumsq, sparsity, nm):
-    scores = wanda_scores(weight, sumsq)
-    return _apply(weight, nm_mask(scores, *nm) if nm else row_mask(scores, sparsity))
-
-
-def sparsegpt_prune(weight, hessian, sparsity, nm, blocksize: int = 128,
-                    percdamp: float = 0.01):
-    """SparseGPT (Frantar & Alistarh 2023) for one matrix; returns the pruned, updated weight."""
-    w = weight.clone().double()
-    rows, cols = w.shape
-    if nm and cols % nm[1]:
-        nm_mask(w, *nm)  # raises the UserError
-    h = hessian.clone().double()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    hinv = _inverse_cholesky(h, percdamp)
-    target_total = _prune_count(rows * cols, sparsity)
-    pruned_so_far = 0
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        w1 = w[:, i1:i2].clone()
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        d = torch.diag(hinv1)
-        if nm:
-            mask1 = torch.zeros_like(w1, dtype=torch.bool)
-        else:
-            # cumulative rounding: after this block, round(S * rows * i2) weights are pruned
-            count = _prune_count(rows * i2, sparsity) - pruned_so_far
-            count = min(count, target_total - pruned_so_far)
-            mask1 = matrix_mask(w1 ** 2 / d.unsqueeze(0) ** 2, count)
-            pruned_so_far += count
-        for i in range(i2 - i1):
-            col = w1[:, i]
-            if nm and i % nm[1] == 0:
-                group = w1[:, i:i + nm[1]] ** 2 / d[i:i + nm[1]].unsqueeze(0) ** 2
-                mask1[:, i:i + nm[1]] = nm_mask(group, *nm)
-            q = col.masked_fill(mask1[:, i], 0.0)
-            q1[:, i] = q
-            err = (col - q) / d[i]
-            w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = err
-        w[:, i1:i2] = q1
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return w.to(weight.dtype)
-
-
-def _inverse_cholesky(h: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp*I)^-1, damp = percdamp * mean diag(H); the damping
-    is raised tenfold (at most three times) if H is numerically not positive definite."""
-    mean_diag = torch.diag(h).mean()
-    for attempt in range(4):
-        damped = h + percdamp * (10 ** attempt) * mean_diag * torch.eye(
-            h.shape[0], dtype=h.dtype, device=h.device)
-        chol, info = torch.linalg.cholesky_ex(damped)
-        if int(info) == 0:
-            inv = torch.cholesky_inverse(chol)
-            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
-            if int(info) == 0:
-                return upper
-    raise UserError("SparseGPT: the calibration Hessian is not positive definite even with "
-                    "1000x damping; use more calibration samples or --pruner wanda")
-
-
-register_pruner(Pruner("magnitude", None, magnitude_prune))
-register_pruner(Pruner("wanda", "norms", wanda_prune))
-register_pruner(Pruner("sparsegpt", "hessian", sparsegpt_prune))
-
-
-def get_pruner(name: str) -> Pruner:
-    if name not in PRUNERS:
-        raise UserError(f"unknown pruner '{name}': use one of {', '.join(PRUNERS)}")
-    return PRUNERS[name]
-
-
-# --------------------------------------------------------------------------- calibration inputs
+from .masks import parse_pattern, validate_sparsity
+from .pruners import get_pruner
 
 
 class _Stop(Exception):
@@ -388,15 +193,13 @@ def prune_model(model: nn.Module, calib_sequences: list[list[int]] | None,
     """
     from tqdm.auto import tqdm
 
-    from .allocation import check_sparsity
-
     p = get_pruner(pruner)
     nm = parse_pattern(pattern)
     layers = decoder_layers(model)
     if len(sparsities) != len(layers):
         raise UserError(f"{len(sparsities)} layer sparsities for a model with {len(layers)} "
                         "decoder layers; give one per layer")
-    sparsities = [check_sparsity(s) for s in sparsities]
+    sparsities = [validate_sparsity(s) for s in sparsities]
     if nm:
         sparsities = [nm[0] / nm[1]] * len(layers)
     start = time.perf_counter()
@@ -452,40 +255,3 @@ def model_sparsity(model: nn.Module) -> float:
         total += sm.module.weight.numel()
     return zeros / total
 
-
-# --------------------------------------------------------------------------- saving
-
-
-def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, record: dict) -> Path:
-    """Write a Hugging Face checkpoint (safetensors, config without ``quantization_config``,
-    tokenizer) and ``actpat_prune.json`` (``record`` plus the achieved sparsity)."""
-    from ..activation.profiling import write_json
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = model.config
-    saved_quant = config.__dict__.pop("quantization_config", None)
-    try:
-        model.save_pretrained(out, safe_serialization=True)
-    finally:
-        if saved_quant is not None:
-            config.quantization_config = saved_quant
-    cfg_path = out / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.pop("quantization_config", None) is not None:
-        cfg_path.write_text(json.dumps(cfg, indent=2))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    record = dict(record)
-    record.setdefault("achieved_sparsity", model_sparsity(model))
-    write_json(out / PRUNE_RECORD, record)
-    return out
-
-
-def load_record(directory: str | Path) -> dict | None:
-    """The ``actpat_prune.json`` of a pruned checkpoint, or None for other directories."""
-    path = Path(directory) / PRUNE_RECORD
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-from ..data.calibration import calibration_sequences  # noqa: E402,F401  (part of this module's API)
