@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import actpat.activation.profiling as profile_mod
-from actpat.activation.checkpoint import Checkpointer, LoopState, cacheable, profile_key
+from actpat.activation.checkpoint import Checkpointer, LoopState
+from actpat.activation.cache import cacheable, profile_key
 from actpat.cli import main
 from actpat.errors import UserError
 from actpat.activation.profiling import Profile, compute_profile

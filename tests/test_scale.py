@@ -11,7 +11,7 @@ import torch
 
 import actpat.models.memory as memory
 import actpat.activation.profiling as profile_mod
-from actpat.activation.distributed import Context, shard, shard_positions
+from actpat.activation.distributed import Ranks, shard, shard_positions
 from actpat.errors import UserError
 from actpat.models.memory import BatchPlanner, is_oom, parse_size
 from actpat.activation.profiling import Profile, compute_profile
@@ -51,17 +51,17 @@ def _free_port() -> int:
 
 def test_shard_covers_every_sample_once():
     items = list(range(11))
-    parts = [shard(items, Context(r, 3)) for r in range(3)]
+    parts = [shard(items, Ranks(r, 3)) for r in range(3)]
     assert sorted(sum(parts, [])) == items
     assert [len(p) for p in parts] == [4, 4, 3]
-    assert shard_positions(11, Context(1, 3)) == parts[1]
+    assert shard_positions(11, Ranks(1, 3)) == parts[1]
 
 
 def test_context_from_env_validates():
-    assert Context.from_env({}) == Context(0, 1, 0)
-    assert Context.from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}).rank == 1
+    assert Ranks.from_env({}) == Ranks(0, 1, 0)
+    assert Ranks.from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}).rank == 1
     with pytest.raises(UserError):
-        Context.from_env({"RANK": "2", "WORLD_SIZE": "2"})
+        Ranks.from_env({"RANK": "2", "WORLD_SIZE": "2"})
 
 
 def _cli(args, env_extra=None, timeout=300):
@@ -357,11 +357,11 @@ import numpy as np
 import torch
 sys.path.insert(0, {tests!r})
 from tiny import tiny_model
-from actpat.activation.distributed import init, Context, shutdown
+from actpat.activation.distributed import init, Ranks, shutdown
 import actpat.analysis.similarity as S
 from actpat.analysis.similarity import pair_similarity
 
-ctx = init(Context.from_env(), "cpu")
+ctx = init(Ranks.from_env(), "cpu")
 batches = []
 orig = S.score_batch
 def counting(model, ids, *a, **k):

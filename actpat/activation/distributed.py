@@ -2,7 +2,7 @@
 
 ``torchrun --nproc_per_node N -m actpat profile ...`` and ``accelerate launch -m actpat profile ...``
 both start N processes with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
-``MASTER_PORT`` in the environment. ``Context.from_env()`` reads them (a single process when they
+``MASTER_PORT`` in the environment. ``Ranks.from_env()`` reads them (a single process when they
 are absent) and ``init()`` joins the process group: ``nccl`` when the process uses a CUDA device,
 ``gloo`` otherwise (CPU, the tests here).
 
@@ -27,7 +27,7 @@ from ..errors import UserError
 
 
 @dataclass(frozen=True)
-class Context:
+class Ranks:
     """Where this process stands: its rank, the number of processes, its local rank."""
 
     rank: int = 0
@@ -43,7 +43,7 @@ class Context:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls, env: dict | None = None) -> "Context":
+    def from_env(cls, env: dict | None = None) -> "Ranks":
         """Read RANK / WORLD_SIZE / LOCAL_RANK (torchrun, accelerate launch); default one process."""
         env = os.environ if env is None else env
 
@@ -64,24 +64,24 @@ class Context:
         return cls(rank, world, local)
 
 
-SINGLE = Context()
+SINGLE = Ranks()
 
 
-def current() -> Context:
+def current() -> Ranks:
     """The context of an initialised process group, else the environment's, else one process."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return Context(torch.distributed.get_rank(), torch.distributed.get_world_size(),
+        return Ranks(torch.distributed.get_rank(), torch.distributed.get_world_size(),
                        int(os.environ.get("LOCAL_RANK", torch.distributed.get_rank())))
-    return Context.from_env()
+    return Ranks.from_env()
 
 
 def backend_for(device: torch.device | str) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
-def init(ctx: Context | None = None, device: torch.device | str = "cpu") -> Context:
+def init(ctx: Ranks | None = None, device: torch.device | str = "cpu") -> Ranks:
     """Join the process group when the environment asks for several processes; idempotent."""
-    ctx = ctx or Context.from_env()
+    ctx = ctx or Ranks.from_env()
     if not ctx.enabled:
         return ctx
     if not torch.distributed.is_available():
@@ -96,7 +96,7 @@ def init(ctx: Context | None = None, device: torch.device | str = "cpu") -> Cont
     return ctx
 
 
-def local_device(requested: str, ctx: Context) -> str:
+def local_device(requested: str, ctx: Ranks) -> str:
     """With several processes on CUDA, rank r uses cuda:<local rank> unless a device was pinned."""
     if ctx.enabled and requested in ("auto", "cuda") and torch.cuda.is_available():
         return f"cuda:{ctx.local_rank % torch.cuda.device_count()}"
@@ -117,7 +117,7 @@ def launched(requested_device: str):
     """
     from ..models.loading import resolve_device
 
-    ctx = Context.from_env()
+    ctx = Ranks.from_env()
     device = local_device(requested_device, ctx)
     ctx = init(ctx, resolve_device(device))
     try:
@@ -126,17 +126,17 @@ def launched(requested_device: str):
         shutdown()
 
 
-def is_main(ctx: Context | None = None) -> bool:
+def is_main(ctx: Ranks | None = None) -> bool:
     return (ctx or current()).is_main
 
 
-def shard(items: list, ctx: Context | None = None) -> list:
+def shard(items: list, ctx: Ranks | None = None) -> list:
     """This rank's items: positions rank, rank + N, rank + 2N, ... (round robin, balanced)."""
     ctx = ctx or current()
     return list(items[ctx.rank::ctx.world_size])
 
 
-def shard_positions(n: int, ctx: Context | None = None) -> list[int]:
+def shard_positions(n: int, ctx: Ranks | None = None) -> list[int]:
     """The positions ``shard`` keeps out of ``n`` items, to put results back in order."""
     ctx = ctx or current()
     return list(range(ctx.rank, n, ctx.world_size))
@@ -148,7 +148,7 @@ def _comm_device(t: torch.Tensor) -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_(tensors: list[torch.Tensor], ctx: Context | None = None) -> list[torch.Tensor]:
+def all_reduce_(tensors: list[torch.Tensor], ctx: Ranks | None = None) -> list[torch.Tensor]:
     """Sum each float32 tensor over all ranks, in place (float32 is kept; no-op on one process)."""
     ctx = ctx or current()
     if not ctx.enabled:
@@ -164,7 +164,7 @@ def all_reduce_(tensors: list[torch.Tensor], ctx: Context | None = None) -> list
     return tensors
 
 
-def all_reduce_sums(sums: dict[str, torch.Tensor], ctx: Context | None = None) -> dict:
+def all_reduce_sums(sums: dict[str, torch.Tensor], ctx: Ranks | None = None) -> dict:
     """All-reduce a name -> tensor dict (same keys on every rank, iterated in sorted order)."""
     ctx = ctx or current()
     if ctx.enabled:
@@ -176,7 +176,7 @@ def all_reduce_sums(sums: dict[str, torch.Tensor], ctx: Context | None = None) -
     return sums
 
 
-def all_reduce_number(value: float | int, ctx: Context | None = None):
+def all_reduce_number(value: float | int, ctx: Ranks | None = None):
     """Sum a Python number over ranks (counts, token totals)."""
     ctx = ctx or current()
     if not ctx.enabled:
@@ -187,7 +187,7 @@ def all_reduce_number(value: float | int, ctx: Context | None = None):
     return t.item()
 
 
-def gather_objects(obj, ctx: Context | None = None) -> list:
+def gather_objects(obj, ctx: Ranks | None = None) -> list:
     """Every rank's picklable ``obj``, in rank order (a list of one on a single process)."""
     ctx = ctx or current()
     if not ctx.enabled:
@@ -197,13 +197,13 @@ def gather_objects(obj, ctx: Context | None = None) -> list:
     return out
 
 
-def barrier(ctx: Context | None = None) -> None:
+def barrier(ctx: Ranks | None = None) -> None:
     ctx = ctx or current()
     if ctx.enabled:
         torch.distributed.barrier()
 
 
-def gather_in_order(mine: list, n: int, ctx: Context | None = None) -> list:
+def gather_in_order(mine: list, n: int, ctx: Ranks | None = None) -> list:
     """Reassemble per-item results computed on ``shard`` positions into the full ordered list.
 
     ``mine[k]`` is the result for item ``shard_positions(n, ctx)[k]``; every rank gets all
@@ -219,7 +219,7 @@ def gather_in_order(mine: list, n: int, ctx: Context | None = None) -> list:
     return out
 
 
-def active() -> Context:
+def active() -> Ranks:
     """The initialised process group's context, else a single process (library helpers that
     must not fail when the environment names ranks but nobody joined a group)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -105,7 +105,7 @@ def compute_profile(
     default a safe share of free memory; see ``actpat.memory``). An out-of-memory error halves
     the batch and retries it; no sample is lost or counted twice. ``checkpoint``: an
     ``actpat.checkpointing.Checkpointer``; the loop resumes from its state and saves every
-    ``checkpoint.every`` samples. ``dist``: an ``actpat.distributed.Context`` (default: the
+    ``checkpoint.every`` samples. ``dist``: an ``distributed.Ranks`` (default: the
     environment's); each rank scores its shard and the float32 sums are all-reduced, so every
     rank returns the whole profile.
     """

@@ -130,7 +130,7 @@ def calibration_configs(datasets=("boolq", "mmlu", "siqa", "hellaswag", "c4"),
 
 
 @dataclass
-class _Context:
+class PlanState:
     settings: Settings
     out: Path
     corpora: dict = field(default_factory=dict)  # tokenized perplexity corpora, reused
@@ -154,7 +154,7 @@ def _calibration(lm, settings: Settings, cfg: Config):
                                  data_dir=settings.data_dir, exclude_first=held_out)
 
 
-def _activation_counts(ctx: _Context, lm):
+def _activation_counts(ctx: PlanState, lm):
     """Counts from ``settings.profile_dir``, else from a profile saved under the run dir, made
     from the seed-0 C4 calibration windows whatever the configuration's own seed or calibration
     set (so every activation row of a run shares the same N_i, in whatever order rows run)."""
@@ -181,7 +181,7 @@ def _activation_counts(ctx: _Context, lm):
     return ctx.counts
 
 
-def layer_sparsities(ctx: _Context, lm, cfg: Config, calib) -> tuple[list[float], dict]:
+def layer_sparsities(ctx: PlanState, lm, cfg: Config, calib) -> tuple[list[float], dict]:
     """S_i for ``cfg`` and what they were computed from."""
     from ..models.loading import decoder_layers
     from ..sparsity.allocation import ALLOCATORS, allocate
@@ -202,7 +202,7 @@ def layer_sparsities(ctx: _Context, lm, cfg: Config, calib) -> tuple[list[float]
     return allocate(cfg.allocation, cfg.sparsity, **kwargs), info
 
 
-def run_config(ctx: _Context, cfg: Config) -> dict:
+def run_config(ctx: PlanState, cfg: Config) -> dict:
     """Prune a fresh model as ``cfg`` says, evaluate it, return the result record."""
     from ..runs import versions
     from ..sparsity.layerwise import prune_model
@@ -264,7 +264,7 @@ def run_plan(settings: Settings, out: str | Path, configs: list[Config],
                                 f"asks {','.join(c.evals)}; use a new --out")
     (out / CONFIG_DIR).mkdir(parents=True, exist_ok=True)
     write_json(out / "settings.json", asdict(settings))
-    ctx = _Context(settings, out)
+    ctx = PlanState(settings, out)
     results = []
     ran = False
     for i, cfg in enumerate(configs, 1):
