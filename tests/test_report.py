@@ -187,7 +187,8 @@ def test_renders_in_headless_chromium(runs, page, tmp_path):
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not on PATH")
 def test_render_check_detects_external_and_broken_loads(tmp_path):
     """The counters the render test reads do count a blocked network load and a broken image."""
-    from actpat.outputs.report.sections import Section, render_html
+    from actpat.outputs.report.page import render_html
+    from actpat.outputs.report.sections import Section
 
     bad = Section("bad", "Bad", '<img src="http://example.invalid/x.png" alt="x">'
                                 '<img src="data:image/png;base64,AAAA" alt="y">')

@@ -332,7 +332,7 @@ def test_offloaded_pruning_equals_plain_pruning(arch, pruner):
     """
     import copy
 
-    from actpat.models.offload import prune_offloaded
+    from actpat.sparsity.layerwise import prune_offloaded
     from actpat.sparsity.layerwise import prune_model
 
     plain = tiny_model(arch)

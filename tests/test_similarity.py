@@ -151,7 +151,8 @@ class _CharTok:
 
 
 def test_similarity_run_within_cross_and_all(tmp_path):
-    from actpat.commands.similarity import similarity_run, write_outputs
+    from actpat.analysis.similarity import similarity_run
+    from actpat.outputs.artifacts import write_similarity
 
     files = []
     for k in range(3):
@@ -172,7 +173,7 @@ def test_similarity_run_within_cross_and_all(tmp_path):
     # the joint pass gives the same within-domain numbers as the one-dataset run
     np.testing.assert_allclose(three["comparisons"][0]["per_pair"],
                                one["comparisons"][0]["per_pair"], atol=1e-6)
-    write_outputs(three, tmp_path / "run")
+    write_similarity(three, tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "similarity.json").read_text())
     assert saved["num_layers"] == 2
     assert set(saved["matrix_types"]) == {"q", "k", "v", "o", "gate", "up", "down"}

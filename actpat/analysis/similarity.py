@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from ..activation.metric import pad_batch, score_batch
+from ..errors import UserError
 from ..models.loading import LoadedModel, ScoredMatrix, scored_matrices
 
 
@@ -342,3 +343,119 @@ def relate_bands(num_layers: int) -> dict[str, tuple[int, int]]:
 def _round(x: float) -> int:
     """Round half up (Python's round() rounds half to even)."""
     return int(np.floor(x + 0.5))
+
+
+# --------------------------------------------------------------------------- a similarity run
+
+
+def similarity_run(lm, datasets: list[str], pairs: int, seq_len: int, seed: int = 0,
+                   split: str | None = None, data_dir: str | None = None,
+                   objective: str = "max-logit", pairs_per_batch: int = 2,
+                   text_field: str = "text", template: str | None = None,
+                   progress: bool = True) -> dict:
+    """Sample, score and compare; returns the similarity.json object."""
+    import resource
+    import time
+
+    from ..data.datasets import sample_sequences
+    from ..runs import versions
+
+    context = getattr(lm.model.config, "max_position_embeddings", None)
+    if context and seq_len > context:
+        raise UserError(f"--seq-len {seq_len} exceeds the model's context of {context} tokens")
+    per_set = pairs if len(datasets) == 2 else 2 * pairs
+    samples = {d: sample_sequences(lm.tokenizer, d, per_set, seq_len, seed, split, data_dir,
+                                   text_field, template) for d in datasets}
+    start = time.perf_counter()
+    comparisons = []
+    if len(datasets) == 1:
+        (d, s), = samples.items()
+        sims = pair_similarity(lm, [(s.sequences[k], s.sequences[pairs + k]) for k in range(pairs)],
+                               pairs_per_batch, objective, progress, desc=f"{d} pairs")
+        idx = [(s.indices[k], s.indices[pairs + k]) for k in range(pairs)]
+        comparisons.append(comparison_json("within", d, d, sims, idx))
+        scored = sims.samples_scored
+    elif len(datasets) == 2:
+        (a, sa), (b, sb) = samples.items()
+        sims = pair_similarity(lm, list(zip(sa.sequences, sb.sequences)), pairs_per_batch,
+                               objective, progress, desc=f"{a} x {b} pairs")
+        comparisons.append(comparison_json("cross", a, b, sims, list(zip(sa.indices, sb.indices))))
+        scored = sims.samples_scored
+    else:
+        res = group_similarity(lm, {d: s.sequences for d, s in samples.items()}, objective,
+                               progress)
+        for d, sims in res.within.items():
+            ix = samples[d].indices
+            comparisons.append(comparison_json("within", d, d, sims,
+                                               [(ix[k], ix[pairs + k]) for k in range(pairs)]))
+        for (a, b), sims in res.cross.items():
+            comparisons.append(comparison_json("cross", a, b, sims, list(zip(
+                samples[a].indices[:pairs], samples[b].indices[:pairs]))))
+        scored = res.samples_scored
+    seconds = time.perf_counter() - start
+    first = comparisons[0]
+    return {
+        "kind": "actpat-similarity", "model": lm.identity, "objective": objective,
+        "seq_len": seq_len, "seed": seed, "pairs": pairs,
+        "num_layers": len(first["per_pair"][0]), "matrix_types": list(first["per_matrix"]),
+        "datasets": {d: {"source": s.source, "split": s.split, "sample_indices": s.indices,
+                         "tokens": sum(len(x) for x in s.sequences)} for d, s in samples.items()},
+        "comparisons": comparisons,
+        "timing": {"seconds": round(seconds, 2), "samples_scored": scored,
+                   "seconds_per_pair_comparison": round(seconds / max(1, sum(
+                       len(c["per_pair"]) for c in comparisons)), 4),
+                   "seconds_per_sample": round(seconds / max(1, scored), 4),
+                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)},
+        "versions": versions(),
+    }
+
+
+# --------------------------------------------------------------------------- relate saved profiles
+
+
+def parse_layers(text: str, num_layers: int) -> tuple[int, int]:
+    try:
+        a, b = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise UserError(f"--layers '{text}' is not A:B (two integers, e.g. 16:30)") from None
+    if not 0 <= a < b <= num_layers:
+        raise UserError(f"--layers {text} is outside the model's {num_layers} layers; "
+                        f"use A:B with 0 <= A < B <= {num_layers}")
+    return a, b
+
+
+def relate_runs(runs: list[str], reference: str | None = None, layers: str | None = None):
+    """Figure 6 from saved profiles: (the relate.json object, the ``DatasetSimilarity``).
+
+    ``layers``: an extra band "A:B" (0-based, B exclusive) named ``custom``; ``reference``: the
+    dataset the others are ranked against (default c4 when present, else the first).
+    """
+    from ..activation.profiling import Profile
+
+    if len(runs) < 2:
+        raise UserError("give at least two profile runs to relate")
+    profiles = [Profile.load(r) for r in runs]
+    names = [str(p.meta.get("dataset") or r) for p, r in zip(profiles, runs)]
+    if len(set(names)) != len(names):
+        names = [f"{n} ({r})" for n, r in zip(names, runs)]
+    first = profiles[0]
+    for p, r in zip(profiles[1:], runs[1:]):
+        if list(p.maps) != list(first.maps):
+            raise UserError(f"{r} profiles a different model than {runs[0]}; relate runs "
+                            "of one model")
+    bands = relate_bands(first.num_layers)
+    if layers:
+        bands["custom"] = parse_layers(layers, first.num_layers)
+    reference = reference or ("c4" if "c4" in names else names[0])
+    if reference not in names:
+        raise UserError(f"--reference {reference} is not among the datasets ({', '.join(names)})")
+    m = dataset_similarity(profiles, names, bands)
+    result = {
+        "kind": "actpat-relate", "runs": list(runs), "datasets": names,
+        "num_layers": first.num_layers, "reference": reference,
+        "per_layer": m.per_layer.tolist(),
+        "bands": {b: {"start": s, "end": e, "matrix": m.band(b).tolist()}
+                  for b, (s, e) in bands.items()},
+        "ranking": {b: [list(x) for x in m.ranking(reference, b)] for b in bands},
+    }
+    return result, m

@@ -335,3 +335,16 @@ def _best(rho: list[float]) -> dict:
         return {"layer": None, "rho": None}
     i = int(np.nanargmax(a))
     return {"layer": i, "rho": float(a[i])}
+
+
+def sts_run(lm, pairs, max_tokens: int = 128, pairs_per_batch: int = 8,
+            objective: str = "max-logit", bootstrap: int = 1000, seed: int = 0,
+            progress: bool = True) -> dict:
+    from ..runs import versions
+
+    result = run_sts(lm, pairs, max_tokens, pairs_per_batch, objective, bootstrap, seed,
+                     progress=progress)
+    result["model"] = lm.identity
+    result["seed"] = seed
+    result["versions"] = versions()
+    return result

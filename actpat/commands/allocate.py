@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..cli import add_common
+from .common import add_common
 from ..errors import UserError
 
 HELP = "compute per-layer sparsities (an allocator: uniform, activation, owl, ...) for a target S"
@@ -85,37 +85,14 @@ def calibration_info(args, samples) -> dict:
 
 def resolve_allocation(args, method: str, lm=None, samples=None) -> tuple[list[float], dict]:
     """(S_i, info) for the parsed options; ``lm``/``samples`` when a model is at hand."""
-    from ..sparsity.allocation import ALLOCATORS, activation_counts, allocate
-    from ..sparsity.masks import validate_sparsity
+    from ..sparsity.allocation import ALLOCATORS, allocation_with_record
 
-    sparsity = validate_sparsity(args.sparsity)
-    entry = ALLOCATORS.get(method)
-    info = {"method": method, "sparsity": sparsity}
-    kw = {o.name: getattr(args, o.name) for o in entry.options}
-    info.update(kw)
-    if "counts" in entry.needs:
-        seqs = None if samples is None else samples.sequences[:args.profile_samples]
-        c, src = activation_counts(profile_dir=args.profile, lm=lm, calib_sequences=seqs,
-                                   gamma=args.gamma, gamma_quantile=args.gamma_quantile,
-                                   progress=not args.quiet)
-        info["counts"] = src
-        kw.update(counts=c.layer_counts, layer_sizes=c.scored_per_layer)
-    if "calibration" in entry.needs:
-        kw.update(batch_size=getattr(args, "batch_size", 8), progress=not args.quiet)
-    if entry.needs & {"model", "calibration"} and lm is None:
-        raise UserError(f"the {method} allocation needs the model: give --model")
-    if not entry.needs and lm is None and args.profile is None:
-        raise UserError(f"the {method} allocation needs the layer count: give --model or "
-                        "--profile")
-    if not entry.needs and lm is None:
-        from ..activation.profiling import Profile
-
-        kw["num_layers"] = Profile.load(args.profile).num_layers
-    model = None if lm is None else lm.model
-    calib = None if samples is None else samples.sequences
-    s = allocate(method, sparsity, model=model, calib_inputs=calib, **kw)
-    info["layer_sparsities"] = s
-    return s, info
+    options = {o.name: getattr(args, o.name) for o in ALLOCATORS.get(method).options}
+    return allocation_with_record(
+        method, args.sparsity, lm=lm, calib_sequences=None if samples is None else samples.sequences,
+        profile_dir=args.profile, gamma=args.gamma, gamma_quantile=args.gamma_quantile,
+        options=options, profile_samples=args.profile_samples,
+        batch_size=getattr(args, "batch_size", 8), progress=not args.quiet)
 
 
 def add_arguments(p) -> None:

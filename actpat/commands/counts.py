@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..cli import add_common
+from .common import add_common
 
 HELP = "count activated weights per layer and matrix type in saved profiles (Figure 1)"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..cli import add_common
+from .common import add_common
 
 HELP = ("the paper's pipeline end to end (profiles, Figure 1, similarity, STS, allocation, "
         "Wanda 50%%, evaluation, HTML report); resumes")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..cli import add_common
+from .common import add_common
 from ..errors import UserError
 
 HELP = "perplexity (wikitext2, c4) and zero-shot acc/acc_norm (boolq piqa siqa hellaswag mmlu)"

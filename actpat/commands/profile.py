@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..cli import add_common
+from .common import add_common
 from ..errors import UserError
 
 HELP = "score every weight on a dataset's samples and save the mean activation map"

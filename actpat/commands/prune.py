@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from ..cli import add_common
+from .common import add_common
 from ..errors import UserError
 from .allocate import (add_allocation_arguments, add_calibration_arguments, allocation_needs,
                        calibration_info, load_calibration, resolve_allocation)
@@ -37,11 +37,10 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..models.loading import load_model
-    from ..runs import versions
     from ..sparsity.layerwise import prune_model
     from ..sparsity.pruners import get_pruner
     from ..sparsity.masks import parse_pattern, validate_sparsity
-    from ..sparsity.saving import save_pruned
+    from ..sparsity.saving import prune_record, save_pruned
     from ..runs import prepare_out_dir
 
     validate_sparsity(args.sparsity)
@@ -63,7 +62,7 @@ def run(args) -> int:
     sparsities, alloc = resolve_allocation(args, args.allocation, lm, samples)
     if offload:
         from ..models.loading import resolve_device
-        from ..models.offload import prune_offloaded
+        from ..sparsity.layerwise import prune_offloaded
 
         report = prune_offloaded(lm.model, None if samples is None else samples.sequences,
                                  sparsities, args.pruner, args.pattern, args.batch_size,
@@ -72,19 +71,11 @@ def run(args) -> int:
         report = prune_model(lm.model, None if samples is None else samples.sequences,
                              sparsities, args.pruner, args.pattern, args.batch_size,
                              progress=not args.quiet)
-    record = {
-        "model": lm.identity, "pruner": args.pruner, "pattern": args.pattern,
-        "allocation": alloc, "target_sparsity": args.sparsity,
-        "layer_sparsities": [x["target"] for x in report["layers"]],
-        "achieved_sparsity": report["achieved_sparsity"],
-        "achieved_per_layer": [x["achieved"] for x in report["layers"]],
-        "calibration": None if samples is None else calibration_info(args, samples),
-        "seed": args.seed, "dtype": args.dtype, "batch_size": args.batch_size,
-        "offload": report.get("offload"),
-        "prune_seconds": report["seconds"], "total_seconds": None,
-        "matrices": report["matrices"], "versions": versions(),
-        "command": "actpat " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("actpat") else None,
-    }
+    record = prune_record(lm, args.pruner, args.pattern, alloc, args.sparsity, report,
+                          None if samples is None else calibration_info(args, samples),
+                          seed=args.seed, dtype=args.dtype, batch_size=args.batch_size,
+                          command="actpat " + " ".join(sys.argv[1:])
+                          if sys.argv[0].endswith("actpat") else None)
     record["total_seconds"] = round(time.perf_counter() - start, 3)
     save_pruned(lm.model, lm.tokenizer, out, record)
     print(f"pruned {args.model} with {args.pruner} ({args.pattern}, {args.allocation}): target "

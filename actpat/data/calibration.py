@@ -83,3 +83,28 @@ def calibration_sequences(tokenizer, dataset: str, n: int, seq_len: int, seed: i
     return Samples([stream[s:s + seq_len] for s in starts], starts,
                    f"{records.source} (rows >= {exclude_first}, shuffled, seed {seed})",
                    dataset, split)
+
+
+def packaged_text(name: str) -> str:
+    """A text shipped with actpat (``actpat/probes/<name>.txt``)."""
+    from importlib.resources import files
+
+    return (files("actpat") / "probes" / f"{name}.txt").read_text(encoding="utf-8")
+
+
+def packaged_calibration(tokenizer, n: int, seq_len: int) -> Samples:
+    """Up to ``n`` windows of ``seq_len`` tokens cut from the packaged probe texts (all domains,
+    in order): calibration for an offline smoke run. Never the held-out text."""
+    from .datasets import PROBE_DOMAINS
+
+    stream: list[int] = []
+    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    for domain in PROBE_DOMAINS:
+        stream += tokenizer(packaged_text(domain), add_special_tokens=False)["input_ids"] + sep
+    count = min(n, len(stream) // seq_len)
+    if count < 1:
+        raise UserError(f"the packaged texts give {len(stream)} tokens, fewer than one window of "
+                        f"{seq_len}; lower the sequence length")
+    starts = [k * seq_len for k in range(count)]
+    return Samples([stream[s:s + seq_len] for s in starts], starts,
+                   "packaged probe texts (" + ", ".join(PROBE_DOMAINS) + ")", "probes", None)

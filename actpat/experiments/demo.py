@@ -16,17 +16,18 @@ demo resumes where it stopped):
 9. ``report.html``: everything above on one page.
 
 Data: the local data dir (``--data-dir`` / ``ACTPAT_DATA_DIR``) when set, else the Hugging Face
-hub when reachable, else the built-in probe texts (``actpat/probes``), in which case the steps
-that need real benchmark data (STS, pruning with C4 calibration, evaluation) are skipped.
+hub when reachable, else the built-in probe texts (``actpat/probes``). With the probe texts the
+pipeline still runs end to end as a *smoke run*: pruning calibrates on the packaged probe texts,
+perplexity is measured on the packaged held-out prose (``probes/heldout.txt``, never used for
+calibration), and ``eval/smoke.json`` is reported as a smoke run on packaged texts, not a
+benchmark. Only STS (no packaged sentence pairs) and zero-shot (no packaged tasks) are skipped.
 
-Profiles are computed here with the library (one loaded model); the other steps call the
-commands' ``run`` in this process, so the demo's outputs are exactly what the commands write.
-A step whose module is not installed is skipped with a note.
+Every step calls library functions (one loaded model for the scoring steps) and writes the same
+artifacts the matching command writes (``outputs.artifacts``).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
@@ -77,6 +78,11 @@ QUICK = DemoSizes(
     ppl_seq_len=128, zero_shot_tasks=("boolq", "piqa"), eval_limit=8,
 )
 PROBES = ("probe-prose", "probe-code", "probe-questions", "probe-arithmetic")
+ALLOCATIONS = ("uniform", "activation")
+HELDOUT = "heldout"  # packaged prose never used for calibration: the smoke run's perplexity
+SMOKE_FILE = "smoke.json"
+SMOKE_LABEL = ("smoke run on packaged texts, not a benchmark: Wanda calibrated on the probe "
+               "texts, perplexity on the held-out packaged prose")
 
 
 @dataclass
@@ -92,23 +98,18 @@ class DemoContext:
     steps: dict = field(default_factory=dict)  # name -> {"status", "seconds", "note"}
     lm: object = None
 
-    def common(self, model: bool = True) -> list[str]:
-        """Options every in-process command call shares."""
-        argv = ["--seed", str(self.seed)]
-        if self.data_dir:
-            argv += ["--data-dir", self.data_dir]
-        if model:
-            argv += ["--device", self.device]
-        if self.quiet:
-            argv.append("--quiet")
-        return argv
-
     def load(self):
         if self.lm is None:
             from ..models.loading import load_model
 
             self.lm = load_model(self.model, self.device)
         return self.lm
+
+    def fresh_model(self):
+        """A new copy of the dense model (pruning works in place)."""
+        from ..models.loading import load_model
+
+        return load_model(self.model, self.device)
 
 
 # --------------------------------------------------------------------------- data source
@@ -138,25 +139,11 @@ def choose_data(data_dir: str | None) -> tuple[str, str | None, str]:
     if hub_reachable():
         return "hub", None, "data: the Hugging Face hub (no --data-dir / ACTPAT_DATA_DIR given)"
     return "probes", None, ("data: built-in probe texts (no local data dir and the hub is "
-                            "unreachable); STS, pruning and evaluation need real benchmark data "
-                            "and are skipped")
+                            "unreachable); pruning and perplexity run as a smoke run on packaged "
+                            "texts; STS and zero-shot need benchmark data and are skipped")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def run_command(argv: list[str]) -> int:
-    """Run one actpat command in this process (its ``run``), raising UserError on bad input."""
-    from ..cli import build_parser
-
-    args = build_parser().parse_args(argv)
-    if not getattr(args, "_run", None):
-        raise UserError(f"command '{argv[0]}' is not available in this installation")
-    return int(args._run(args) or 0)
-
-
-def available(command: str) -> bool:
-    return importlib.util.find_spec(f"actpat.commands.{command}") is not None
 
 
 def _say(ctx: DemoContext, text: str) -> None:
@@ -248,33 +235,41 @@ def step_figure1(ctx: DemoContext) -> str | None:
 
 
 def step_relate(ctx: DemoContext) -> str | None:
+    from ..analysis.similarity import relate_runs
+    from ..outputs.artifacts import write_relate
+
     runs = [str(d) for d in profile_dirs(ctx)]
     if len(runs) < 2:
         return "fewer than two profiles; nothing to relate"
     out = ctx.out / "relate"
     out.mkdir(parents=True, exist_ok=True)
-    run_command(["relate", *runs, "--json", str(out / "relate.json"),
-                 "--plot", str(out / "relate.png"), *ctx.common(model=False)])
+    result, _ = relate_runs(runs)
+    write_relate(result, out / "relate.json", out / "relate.png", "deep")
     return None
 
 
 def step_similarity(ctx: DemoContext) -> str | None:
+    from ..analysis.similarity import similarity_run
+    from ..outputs.artifacts import write_similarity
+
     datasets = ("probe-prose", "probe-code", "probe-arithmetic") if ctx.mode == "probes" \
         else ctx.sizes.similarity_datasets
-    argv = ["similarity", "--model", ctx.model, "--pairs", str(ctx.sizes.pairs),
-            "--seq-len", str(ctx.sizes.seq_len), "--out", str(ctx.out / "similarity"),
-            "--overwrite", *ctx.common()]
-    for d in datasets:
-        argv += ["--dataset", d]
-    run_command(argv)
+    result = similarity_run(ctx.load(), list(datasets), ctx.sizes.pairs, ctx.sizes.seq_len,
+                            ctx.seed, None, ctx.data_dir, progress=not ctx.quiet)
+    result["world_size"] = 1
+    write_similarity(result, ctx.out / "similarity")
     return None
 
 
 def step_sts(ctx: DemoContext) -> str | None:
-    run_command(["sts", "--model", ctx.model, "--dataset", "stsb",
-                 "--samples", str(ctx.sizes.sts_pairs), "--max-tokens",
-                 str(ctx.sizes.sts_max_tokens), "--bootstrap", str(ctx.sizes.bootstrap),
-                 "--out", str(ctx.out / "sts"), "--overwrite", *ctx.common()])
+    from ..analysis.sts import load_pairs, sts_run
+    from ..outputs.artifacts import write_sts
+
+    pairs = load_pairs("stsb", ctx.sizes.sts_pairs, ctx.seed, None, ctx.data_dir)
+    result = sts_run(ctx.load(), pairs, ctx.sizes.sts_max_tokens, bootstrap=ctx.sizes.bootstrap,
+                     seed=ctx.seed, progress=not ctx.quiet)
+    result["world_size"] = 1
+    write_sts(result, ctx.out / "sts")
     return None
 
 
@@ -290,60 +285,127 @@ def _counts_profile(ctx: DemoContext) -> Path:
 
 
 def step_allocation(ctx: DemoContext) -> str | None:
+    from ..outputs.plots import plot_allocation
+    from ..runs import write_json
+    from ..sparsity.allocation import allocation_with_record
+
     out = ctx.out / "allocation"
     out.mkdir(parents=True, exist_ok=True)
     prof = _counts_profile(ctx)
-    for method in ("uniform", "activation"):
-        run_command(["allocate", "--sparsity", str(ctx.sizes.sparsity), "--method", method,
-                     "--profile", str(prof), "--json", str(out / f"{method}.json"),
-                     "--plot", str(out / f"{method}.png"), *ctx.common(model=False)])
+    for method in ALLOCATIONS:
+        s, info = allocation_with_record(method, ctx.sizes.sparsity, profile_dir=str(prof))
+        info["seed"] = ctx.seed
+        write_json(out / f"{method}.json", info)
+        plot_allocation({method: s}, out / f"{method}.png", title=f"S = {ctx.sizes.sparsity}")
     return None if prof.name == "c4" else f"counts from the {prof.name} profile (no C4 profile)"
 
 
+def _calibration(ctx: DemoContext, tokenizer):
+    """C4 windows with benchmark data; the packaged probe texts in a smoke run."""
+    from ..data.calibration import calibration_sequences, packaged_calibration
+
+    n, seq_len = ctx.sizes.calibration_samples, ctx.sizes.calibration_seq_len
+    if ctx.mode == "probes":
+        return packaged_calibration(tokenizer, n, seq_len)
+    return calibration_sequences(tokenizer, "c4", n, seq_len, ctx.seed, "train", ctx.data_dir)
+
+
 def step_prune(ctx: DemoContext) -> str | None:
+    from ..sparsity.allocation import allocation_with_record
+    from ..sparsity.layerwise import prune_model
+    from ..sparsity.saving import PRUNE_RECORD, prune_record, save_pruned
+
     prof = _counts_profile(ctx)
-    for method in ("uniform", "activation"):
+    note = None
+    for method in ALLOCATIONS:
         save = ctx.out / "pruned" / method
-        if (save / "actpat_prune.json").exists():
+        if (save / PRUNE_RECORD).exists():
             continue
-        argv = ["prune", "--model", ctx.model, "--sparsity", str(ctx.sizes.sparsity),
-                "--pruner", "wanda", "--allocation", method, "--calibration", "c4",
-                "--calibration-samples", str(ctx.sizes.calibration_samples),
-                "--seq-len", str(ctx.sizes.calibration_seq_len), "--save", str(save),
-                "--overwrite", *ctx.common()]
-        if method == "activation":
-            argv += ["--profile", str(prof)]
-        run_command(argv)
-    return None
+        lm = ctx.fresh_model()
+        calib = _calibration(ctx, lm.tokenizer)
+        if len(calib.sequences) < ctx.sizes.calibration_samples:
+            note = (f"calibration: {len(calib.sequences)} windows of the packaged texts "
+                    f"(fewer than the {ctx.sizes.calibration_samples} asked)")
+        sparsities, alloc = allocation_with_record(
+            method, ctx.sizes.sparsity, lm=lm, calib_sequences=calib.sequences,
+            profile_dir=str(prof) if method == "activation" else None)
+        report = prune_model(lm.model, calib.sequences, sparsities, "wanda", "unstructured",
+                             progress=not ctx.quiet)
+        info = {"dataset": calib.dataset, "split": calib.split, "source": calib.source,
+                "samples": len(calib.sequences), "seq_len": ctx.sizes.calibration_seq_len,
+                "indices": calib.indices}
+        record = prune_record(lm, "wanda", "unstructured", alloc, ctx.sizes.sparsity, report,
+                              info, seed=ctx.seed)
+        save_pruned(lm.model, lm.tokenizer, save, record)
+        _say(ctx, f"pruned ({method}): achieved {report['achieved_sparsity']:.4f} -> {save}")
+    return note
 
 
 def _eval_models(ctx: DemoContext) -> dict[str, str]:
     models = {"dense": ctx.model}
-    for method in ("uniform", "activation"):
+    for method in ALLOCATIONS:
         d = ctx.out / "pruned" / method
         if (d / "actpat_prune.json").exists():
             models[f"wanda-{method}"] = str(d)
     return models
 
 
+def _eval_done(ctx: DemoContext) -> bool:
+    if ctx.mode == "probes":
+        return (ctx.out / "eval" / SMOKE_FILE).exists()
+    return all((ctx.out / "eval" / f"{n}.json").exists() for n in _eval_models(ctx))
+
+
 def step_eval(ctx: DemoContext) -> str | None:
+    from ..evaluation.evaluate import evaluate
+    from ..models.loading import load_model
+    from ..runs import write_json
+
     out = ctx.out / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    tasks = ",".join(("wikitext2",) + ctx.sizes.zero_shot_tasks)
+    if ctx.mode == "probes":
+        return _smoke_eval(ctx, out)
+    tasks = ("wikitext2",) + ctx.sizes.zero_shot_tasks
     for name, model in _eval_models(ctx).items():
         path = out / f"{name}.json"
         if path.exists():
             continue
-        # --limit: perplexity on the first N windows, zero-shot on the first N items
-        run_command(["eval", "--model", model, "--tasks", tasks,
-                     "--limit", str(ctx.sizes.eval_limit),
-                     "--seq-len", str(ctx.sizes.ppl_seq_len), "--json", str(path),
-                     *ctx.common()])
+        lm = ctx.load() if name == "dense" else load_model(model, ctx.device)
+        # limit: perplexity on the first N windows, zero-shot on the first N items
+        results = evaluate(lm.model, lm.tokenizer, list(tasks), ctx.sizes.eval_limit,
+                           ctx.sizes.ppl_seq_len, 4, ctx.data_dir, progress=not ctx.quiet)
+        write_json(path, results)
     return None
 
 
+def _smoke_eval(ctx: DemoContext, out: Path) -> str:
+    """Perplexity of the dense and pruned models on the packaged held-out prose."""
+    from ..data.calibration import packaged_text
+    from ..evaluation.evaluate import Corpus, perplexity
+    from ..models.loading import load_model
+    from ..runs import versions, write_json
+
+    rows = []
+    for name, model in _eval_models(ctx).items():
+        lm = ctx.load() if name == "dense" else load_model(model, ctx.device)
+        ids = lm.tokenizer(packaged_text(HELDOUT), add_special_tokens=False,
+                           return_tensors="pt")["input_ids"][0].long()
+        corpus = Corpus(HELDOUT, ids, f"packaged text probes/{HELDOUT}.txt")
+        r = perplexity(lm.model, corpus, ctx.sizes.ppl_seq_len, ctx.sizes.eval_limit)
+        rows.append({"model": name, "sparsity": 0.0 if name == "dense" else ctx.sizes.sparsity,
+                     **r})
+    write_json(out / SMOKE_FILE, {
+        "kind": "actpat-smoke", "label": SMOKE_LABEL, "corpus": f"probes/{HELDOUT}.txt",
+        "calibration": "packaged probe texts (prose, code, questions, arithmetic)",
+        "pruner": "wanda", "rows": rows,
+        "skipped": {"zero-shot": "no packaged zero-shot tasks",
+                    "sts": "no packaged sentence pairs"},
+        "seed": ctx.seed, "versions": versions()})
+    return "smoke run on packaged texts; zero-shot skipped (no packaged tasks)"
+
+
 def step_report(ctx: DemoContext) -> str | None:
-    from ..outputs.report.sections import write_report
+    from ..outputs.report.page import write_report
 
     info = write_report([ctx.out], ctx.out / "report.html",
                         title=f"actpat demo: {ctx.model} ({ctx.mode} data)")
@@ -356,7 +418,6 @@ class Step:
     name: str
     run: object
     done: object  # ctx -> bool
-    needs: str | None = None  # command module the step needs
     real_data: bool = False  # skipped with the probe texts
 
 
@@ -366,20 +427,15 @@ STEPS = [
     Step("figure1", step_figure1, lambda c: (c.out / "figure1.png").exists()
          and (c.out / "counts.json").exists()
          and len(json.loads((c.out / "counts.json").read_text())) == len(profile_dirs(c))),
-    Step("relatedness", step_relate, lambda c: (c.out / "relate" / "relate.json").exists(),
-         needs="relate"),
+    Step("relatedness", step_relate, lambda c: (c.out / "relate" / "relate.json").exists()),
     Step("similarity", step_similarity,
-         lambda c: (c.out / "similarity" / "similarity.json").exists(), needs="similarity"),
-    Step("sts", step_sts, lambda c: (c.out / "sts" / "sts.json").exists(), needs="sts",
-         real_data=True),
+         lambda c: (c.out / "similarity" / "similarity.json").exists()),
+    Step("sts", step_sts, lambda c: (c.out / "sts" / "sts.json").exists(), real_data=True),
     Step("allocation", step_allocation,
-         lambda c: (c.out / "allocation" / "activation.json").exists(), needs="allocate"),
+         lambda c: (c.out / "allocation" / "activation.json").exists()),
     Step("prune", step_prune, lambda c: all((c.out / "pruned" / m / "actpat_prune.json").exists()
-                                            for m in ("uniform", "activation")),
-         needs="prune", real_data=True),
-    Step("eval", step_eval, lambda c: all((c.out / "eval" / f"{n}.json").exists()
-                                          for n in _eval_models(c)),
-         needs="eval", real_data=True),
+                                            for m in ALLOCATIONS)),
+    Step("eval", step_eval, _eval_done),
     Step("report", step_report, lambda c: False),
 ]
 
@@ -404,13 +460,9 @@ def run_demo(out: str | Path, model: str = "smollm2-135m", quick: bool = False,
         if only and step.name not in only:
             continue
         if step.real_data and mode == "probes":
-            ctx.steps[step.name] = {"status": "skipped", "note": "needs real benchmark data"}
-            _say(ctx, f"{step.name}: skipped (needs real benchmark data)")
-            continue
-        if step.needs and not available(step.needs):
             ctx.steps[step.name] = {"status": "skipped",
-                                    "note": f"actpat {step.needs} is not built yet"}
-            _say(ctx, f"{step.name}: skipped (the '{step.needs}' command is not available)")
+                                    "note": "needs benchmark data (no packaged sentence pairs)"}
+            _say(ctx, f"{step.name}: skipped (needs benchmark data: no packaged sentence pairs)")
             continue
         if step.done(ctx):
             _say(ctx, f"{step.name}: done earlier, kept")

@@ -76,9 +76,9 @@ def reproduce_similarity(lm: LoadedModel, out, datasets=FINDING2_DATASETS, pairs
     """
     from tqdm.auto import tqdm
 
-    from ..commands.similarity import write_outputs
     from ..data.datasets import sample_sequences
     from ..models.loading import scored_matrices
+    from ..outputs.artifacts import write_similarity
     from ..runs import versions
     from ..analysis.similarity import (comparison_json, group_batches, group_comparisons, score_grams,
                              stack_pairs)
@@ -148,7 +148,7 @@ def reproduce_similarity(lm: LoadedModel, out, datasets=FINDING2_DATASETS, pairs
         "versions": versions(),
     }
     if ks:
-        write_outputs(result, out)
+        write_similarity(result, out)
     if means is not None and means.count:
         meta = {"model": lm.identity, "seq_len": seq_len, "seed": seed, "objective": objective,
                 "note": "mean over the finding2 samples scored in this session"}
@@ -161,25 +161,17 @@ def reproduce_similarity(lm: LoadedModel, out, datasets=FINDING2_DATASETS, pairs
 def reproduce_relatedness(runs: list[str], out, reference: str = "c4",
                           layers: str | None = None) -> dict:
     """Figure 6: dataset x dataset similarity of saved profiles, with heatmaps per band."""
-    from ..cli import main
+    from ..analysis.similarity import relate_runs
+    from ..outputs.artifacts import write_relate
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    argv = ["relate", *map(str, runs), "--json", str(out / "relate.json"), "--reference", reference]
-    if layers:
-        argv += ["--layers", layers]
-    rc = main(argv + ["--band", "deep", "--plot", str(out / "relatedness_deep.png")])
-    if rc:
-        raise RuntimeError(f"actpat relate failed ({rc})")
-    from ..outputs.plots import plot_relatedness
-
-    res = json.loads((out / "relate.json").read_text())
-    for band, b in res["bands"].items():
+    result, _ = relate_runs([str(r) for r in runs], reference, layers)
+    write_relate(result, out / "relate.json", out / "relatedness_deep.png", "deep")
+    for band in result["bands"]:
         if band != "deep":
-            plot_relatedness(res["datasets"], b["matrix"], out / f"relatedness_{band}.png",
-                             title=f"Activation-pattern similarity, layers {b['start']}-"
-                                   f"{b['end'] - 1} ({band})")
-    return json.loads((out / "relate.json").read_text())
+            write_relate(result, None, out / f"relatedness_{band}.png", band)
+    return result
 
 
 def reproduce_sts(lm: LoadedModel, out, dataset: str = "stsb", samples: int | None = 256,
@@ -198,7 +190,7 @@ def reproduce_sts(lm: LoadedModel, out, dataset: str = "stsb", samples: int | No
 
     from tqdm.auto import tqdm
 
-    from ..commands.sts import write_outputs
+    from ..outputs.artifacts import write_sts
     from ..runs import versions
     from ..analysis.similarity import pair_similarity
     from ..analysis.sts import Pairs, encode_pairs, hidden_state_similarity, load_pairs, sts_statistics
@@ -264,7 +256,7 @@ def reproduce_sts(lm: LoadedModel, out, dataset: str = "stsb", samples: int | No
                 "baseline_seconds": round(t_base, 2),
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
     result.update(model=lm.identity, seed=seed, versions=versions())
-    write_outputs(result, out)
+    write_sts(result, out)
     return result
 
 

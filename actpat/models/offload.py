@@ -157,21 +157,3 @@ class LayerOffload:
         if self.active is not None:
             self.layers[self.active].to(self.offload)
             self.active = None
-
-
-def prune_offloaded(model, calib_sequences, sparsities, pruner="wanda", pattern="unstructured",
-                    batch_size=8, progress=True, device: torch.device | str = "cuda"):
-    """``actpat.pruning.prune_model`` with only the current decoder layer on ``device``.
-
-    The embeddings and the LM head stay on the CPU (the calibration inputs are captured there);
-    each decoder layer comes onto ``device`` for its calibration passes and its pruning, then
-    goes back. The report gains ``offload`` (the device and the order layers were loaded in).
-    """
-    from ..sparsity.layerwise import prune_model
-
-    model.to("cpu")
-    with LayerOffload(model, device) as off:
-        report = prune_model(model, calib_sequences, sparsities, pruner, pattern, batch_size,
-                             progress)
-    report["offload"] = {"compute_device": str(torch.device(device)), "layers_loaded": off.moves}
-    return report

@@ -340,3 +340,41 @@ def activation_counts(*, profile_dir=None, lm=None, calib_sequences=None, gamma=
     c = counts(profile, gamma, gamma_quantile)
     source.update(gamma=c.gamma, gamma_rule=c.gamma_rule, counts=c.layer_counts)
     return c, source
+
+
+def allocation_with_record(method: str, sparsity: float, *, lm=None, calib_sequences=None,
+                           profile_dir=None, gamma=None, gamma_quantile=None,
+                           options: dict | None = None, profile_samples: int = 64,
+                           batch_size: int = 8, progress: bool = False) -> tuple[list[float], dict]:
+    """(S_i, the record ``actpat allocate --json`` writes) for allocator ``method``.
+
+    ``lm``: the loaded model when at hand; ``calib_sequences``: calibration windows (the first
+    ``profile_samples`` are profiled for counts when no ``profile_dir`` is given); ``options``:
+    the allocator's options (defaults for the missing ones).
+    """
+    entry = ALLOCATORS.get(method)
+    sparsity = validate_sparsity(sparsity)
+    options = options or {}
+    kw = {o.name: options.get(o.name, o.default) for o in entry.options}
+    info = {"method": method, "sparsity": sparsity, **kw}
+    if "counts" in entry.needs:
+        seqs = None if calib_sequences is None else calib_sequences[:profile_samples]
+        c, src = activation_counts(profile_dir=profile_dir, lm=lm, calib_sequences=seqs,
+                                   gamma=gamma, gamma_quantile=gamma_quantile, progress=progress)
+        info["counts"] = src
+        kw.update(counts=c.layer_counts, layer_sizes=c.scored_per_layer)
+    if "calibration" in entry.needs:
+        kw.update(batch_size=batch_size, progress=progress)
+    if entry.needs & {"model", "calibration"} and lm is None:
+        raise UserError(f"the {method} allocation needs the model: give --model")
+    if not entry.needs and lm is None and profile_dir is None:
+        raise UserError(f"the {method} allocation needs the layer count: give --model or "
+                        "--profile")
+    if not entry.needs and lm is None:
+        from ..activation.profiling import Profile
+
+        kw["num_layers"] = Profile.load(profile_dir).num_layers
+    s = allocate(method, sparsity, model=None if lm is None else lm.model,
+                 calib_inputs=calib_sequences, **kw)
+    info["layer_sparsities"] = s
+    return s, info

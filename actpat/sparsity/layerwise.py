@@ -255,3 +255,20 @@ def model_sparsity(model: nn.Module) -> float:
         total += sm.module.weight.numel()
     return zeros / total
 
+
+def prune_offloaded(model, calib_sequences, sparsities, pruner="wanda", pattern="unstructured",
+                    batch_size=8, progress=True, device: torch.device | str = "cuda"):
+    """``prune_model`` with only the current decoder layer on ``device``.
+
+    The embeddings and the LM head stay on the CPU (the calibration inputs are captured there);
+    each decoder layer comes onto ``device`` for its calibration passes and its pruning, then
+    goes back. The report gains ``offload`` (the device and the order layers were loaded in).
+    """
+    from ..models.offload import LayerOffload
+
+    model.to("cpu")
+    with LayerOffload(model, device) as off:
+        report = prune_model(model, calib_sequences, sparsities, pruner, pattern, batch_size,
+                             progress)
+    report["offload"] = {"compute_device": str(torch.device(device)), "layers_loaded": off.moves}
+    return report

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..runs import write_json
+from ..runs import versions, write_json
 from .layerwise import model_sparsity
 
 PRUNE_RECORD = "actpat_prune.json"
@@ -42,3 +42,21 @@ def load_record(directory: str | Path) -> dict | None:
     path = Path(directory) / PRUNE_RECORD
     return json.loads(path.read_text()) if path.exists() else None
 
+
+def prune_record(lm, pruner: str, pattern: str, allocation: dict, target: float, report: dict,
+                 calibration: dict | None, *, seed: int = 0, dtype: str = "float32",
+                 batch_size: int = 8, command: str | None = None) -> dict:
+    """The ``actpat_prune.json`` record of a pruning run (``report``: from ``prune_model``)."""
+    return {
+        "model": lm.identity, "pruner": pruner, "pattern": pattern,
+        "allocation": allocation, "target_sparsity": target,
+        "layer_sparsities": [x["target"] for x in report["layers"]],
+        "achieved_sparsity": report["achieved_sparsity"],
+        "achieved_per_layer": [x["achieved"] for x in report["layers"]],
+        "calibration": calibration,
+        "seed": seed, "dtype": dtype, "batch_size": batch_size,
+        "offload": report.get("offload"),
+        "prune_seconds": report["seconds"], "total_seconds": None,
+        "matrices": report["matrices"], "versions": versions(),
+        "command": command,
+    }

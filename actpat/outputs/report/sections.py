@@ -1,4 +1,4 @@
-"""The HTML report: one self-contained page (figures embedded, no network) for any mix of runs.
+"""The report's sections: one renderer per artifact kind, registered in ``REPORT_SECTIONS``.
 
 ``write_report(paths, out)`` walks the given run directories (and JSON files), recognises each
 artifact by its files, and renders one section per kind:
@@ -29,123 +29,19 @@ policy blocked (``data-blocked-loads``), which the rendering test reads back.
 from __future__ import annotations
 
 import base64
-import datetime as _dt
 import html
 import io
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import UserError
+from ...registry import Registry
+from .discover import EVAL_METRICS, EVAL_TASKS, Artifact, _eval_rows, _layer_sparsities
 
-# Files that are never results (Hugging Face model and tokenizer files of a pruned model, ...).
-NOT_RESULTS = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "model.safetensors.index.json", "summary.json",
-               "added_tokens.json", "vocab.json", "actpat_source.json", "chat_template.json"}
-SKIP_DIRS = {"checkpoint", ".git", "__pycache__"}
 MAX_BOX_PANELS = 9  # similarity box plots drawn per run (all comparisons go in the tables)
-MAX_DEPTH = 4
-
-
-# --------------------------------------------------------------------------- finding artifacts
-
-
-@dataclass
-class Artifact:
-    """One result found on disk: its kind, where it is, and its parsed content."""
-
-    kind: str  # profile | similarity | sts | allocation | prune | eval | counts | relate |
-    #            calibration | figure
-    path: Path
-    data: object = None
-    group: str | None = None  # experiments: the table it belongs to
-
-
-def find_artifacts(paths: Iterable[str | Path]) -> tuple[list[Artifact], list[str]]:
-    """All recognisable artifacts under ``paths`` (directories or files), and notes on skips."""
-    found: list[Artifact] = []
-    notes: list[str] = []
-    seen: set[Path] = set()
-    for p in paths:
-        p = Path(p)
-        if not p.exists():
-            raise UserError(f"{p} does not exist; give run directories or result JSON files")
-        if p.is_file():
-            _classify_file(p, found, notes, seen)
-        else:
-            _walk(p, 0, found, notes, seen)
-    return found, notes
-
-
-def _walk(d: Path, depth: int, found, notes, seen) -> None:
-    if (d / "profile.safetensors").exists() and (d / "summary.json").exists():
-        if d.resolve() not in seen:
-            seen.add(d.resolve())
-            found.append(Artifact("profile", d))
-    for f in sorted(d.iterdir()):
-        if f.is_file():
-            _classify_file(f, found, notes, seen)
-        elif f.is_dir() and f.name not in SKIP_DIRS and depth < MAX_DEPTH:
-            _walk(f, depth + 1, found, notes, seen)
-
-
-def _classify_file(f: Path, found, notes, seen) -> None:
-    key = f.resolve()
-    if key in seen:
-        return
-    if f.suffix == ".png":
-        seen.add(key)
-        found.append(Artifact("figure", f))
-        return
-    if f.suffix != ".json" or f.name in NOT_RESULTS or f.name.endswith(".tmp"):
-        return
-    try:
-        data = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        notes.append(f"{f}: not readable JSON ({str(e)[:80]}); skipped")
-        return
-    kind = classify_json(f.name, data)
-    if kind == "experiment-list":  # a results file holding many configurations
-        seen.add(key)
-        found.extend(Artifact("experiment", f, item, group=f.name) for item in data)
-    elif kind:
-        seen.add(key)
-        found.append(Artifact(kind, f, data))
-
-
-def classify_json(name: str, data) -> str | None:
-    """The artifact kind of a result JSON, by its ``kind`` field, file name or shape."""
-    if isinstance(data, list):
-        if data and isinstance(data[0], dict) and "layer_counts" in data[0]:
-            return "counts"
-        if data and all(isinstance(x, dict) and isinstance(x.get("config"), dict)
-                        and isinstance(x.get("eval"), dict) for x in data):
-            return "experiment-list"
-        return None
-    if not isinstance(data, dict):
-        return None
-    kind = str(data.get("kind", ""))
-    for k in ("similarity", "sts", "allocation", "prune", "eval", "relate", "counts",
-              "calibration"):
-        if kind in (f"actpat-{k}", k):
-            return k
-    if kind in ("actpat-pruning", "pruning"):
-        return "prune"
-    if kind in ("actpat-evaluation", "evaluation"):
-        return "eval"
-    if name == "actpat_prune.json":
-        return "prune"
-    if isinstance(data.get("config"), dict) and isinstance(data.get("eval"), dict):
-        return "experiment"  # one configuration of `actpat reproduce table1|calibration`
-    if name in ("similarity.json", "sts.json"):
-        return name.removesuffix(".json")
-    if _layer_sparsities(data) is not None:
-        return "allocation"
-    if _eval_rows(data):
-        return "eval"
-    return None
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -558,23 +454,6 @@ def _ci(c) -> str:
     return f"[{_num(c[0], 3)}, {_num(c[1], 3)}]"
 
 
-# --------------------------------------------------------------------------- allocation
-
-
-def _layer_sparsities(d) -> list[float] | None:
-    """The per-layer sparsities of an allocation result, whatever the key it uses."""
-    if not isinstance(d, dict):
-        return None
-    for key in ("layer_sparsity", "layer_sparsities", "sparsities", "S_i", "s_i",
-                "per_layer", "allocation"):
-        v = d.get(key)
-        if isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
-            return [float(x) for x in v]
-        if isinstance(v, dict):
-            inner = _layer_sparsities(v)
-            if inner is not None:
-                return inner
-    return None
 
 
 def allocation_sections(arts: list[Artifact], pruned: list[Artifact] = ()) -> list[Section]:
@@ -637,24 +516,6 @@ def _profile_label(d: dict) -> str:
 # --------------------------------------------------------------------------- pruning, eval
 
 
-EVAL_METRICS = ("ppl", "perplexity", "acc", "acc_norm")
-EVAL_TASKS = ("wikitext2", "c4", "boolq", "piqa", "siqa", "hellaswag", "mmlu")
-
-
-def _eval_rows(d) -> list[tuple[str, str, float]]:
-    """(task, metric, value) rows of an evaluation result ``{task: {metric: value}}``."""
-    rows = []
-    if not isinstance(d, dict):
-        return rows
-    src = d.get("results") if isinstance(d.get("results"), dict) else d
-    for task, v in src.items():
-        if not isinstance(v, dict):
-            continue
-        for m in EVAL_METRICS:
-            x = v.get(m)
-            if isinstance(x, (int, float)) and not isinstance(x, bool):
-                rows.append((task, m, float(x)))
-    return rows
 
 
 def _eval_size(v: dict) -> str:
@@ -838,110 +699,58 @@ def figure_sections(arts: list[Artifact]) -> list[Section]:
                     [str(a.path) for a in arts])]
 
 
-# --------------------------------------------------------------------------- the page
+# --------------------------------------------------------------------------- smoke run
 
 
-def build_sections(paths: Iterable[str | Path], gamma: float | None = None,
-                   gamma_quantile: float | None = 0.1) -> tuple[list[Section], list[str]]:
-    """Every section the artifacts under ``paths`` support, in the paper's order."""
-    arts, notes = find_artifacts(paths)
-    by = {k: [a for a in arts if a.kind == k] for k in
-          ("profile", "counts", "similarity", "relate", "sts", "allocation", "prune", "eval",
-           "experiment", "calibration", "figure")}
-    sections = []
-    sections += profile_sections(by["profile"], gamma, None if gamma is not None else
-                                 gamma_quantile)
-    if not by["profile"]:
-        sections += counts_sections(by["counts"])
-    if not any(x.id.startswith("relatedness") for x in sections):
-        try:
-            sections += relate_sections(by["relate"])
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            notes.append(f"relate results could not be drawn ({type(e).__name__}: {e})")
-    for fn, kind in ((similarity_sections, "similarity"), (sts_sections, "sts"),
-                     (lambda x: allocation_sections(x, by["prune"]), "allocation"),
-                     (prune_sections, "prune"),
-                     (eval_sections, "eval"), (experiment_sections, "experiment"),
-                     (calibration_sections, "calibration"), (figure_sections, "figure")):
-        try:
-            sections += fn(by[kind])
-        except (KeyError, TypeError, ValueError, IndexError) as e:  # an unexpected layout
-            notes.append(f"{kind} results could not be drawn ({type(e).__name__}: {e}); "
-                         f"files: {', '.join(str(a.path) for a in by[kind])}")
-    return sections, notes
+def smoke_sections(arts: list[Artifact]) -> list[Section]:
+    """The demo's offline smoke run: pruned vs dense perplexity on packaged held-out text."""
+    out = []
+    for a in arts:
+        d = a.data
+        rows = [[r["model"], _num(r.get("sparsity"), 2), _num(r["ppl"]),
+                 f"{r['windows']} x {r['seq_len']} tokens"] for r in d["rows"]]
+        skipped = "; ".join(f"{k}: {v}" for k, v in (d.get("skipped") or {}).items())
+        body = (f'<p class="note"><b>{_esc(d["label"])}</b>. Perplexity on {_esc(d["corpus"])}; '
+                f"calibration: {_esc(d['calibration'])}. Skipped: {_esc(skipped)}.</p>"
+                + _table(["model", "sparsity", "perplexity", "windows x length"], rows))
+        out.append(Section("smoke", "Smoke run on packaged texts (not a benchmark)", body,
+                           [str(a.path)]))
+    return out
 
 
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;
-max-width:1300px;color:#222;line-height:1.4;padding:0 1em}
-h1{font-size:1.6em;margin-bottom:.2em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;
-margin-top:2em} h3{font-size:1em}
-table{border-collapse:collapse;margin:.8em 0;font-size:.85em;display:block;overflow-x:auto;
-max-width:100%}
-th,td{border:1px solid #ddd;padding:.25em .5em;text-align:right}
-th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
-figure{margin:1em 0} img{max-width:100%;height:auto}
-dl.settings{display:grid;grid-template-columns:max-content auto;gap:.15em 1em;font-size:.8em;
-color:#444;background:#fafafa;padding:.6em;border:1px solid #eee}
-dl.settings dt{font-weight:600} dl.settings dd{margin:0}
-.note{color:#8a5a00;font-size:.9em} nav ul{columns:2} .sources{font-size:.75em;color:#777}
-"""
-
-# Records, after load, how many images failed to decode and how many loads the policy blocked.
-CHECK_SCRIPT = """
-var blocked=0;
-document.addEventListener('securitypolicyviolation',function(){blocked++;
-document.documentElement.setAttribute('data-blocked-loads',String(blocked));});
-window.addEventListener('load',function(){var bad=0,imgs=document.images;
-for(var i=0;i<imgs.length;i++){if(!imgs[i].complete||imgs[i].naturalWidth===0)bad++;}
-var r=document.documentElement;r.setAttribute('data-images',String(imgs.length));
-r.setAttribute('data-broken-images',String(bad));r.setAttribute('data-blocked-loads',String(blocked));
-r.setAttribute('data-rendered','yes');});
-"""
-
-CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
-       "script-src 'unsafe-inline'")
+# --------------------------------------------------------------------------- the registry
 
 
-def render_html(sections: list[Section], notes: list[str], title: str = "actpat report") -> str:
-    from ... import __version__
+@dataclass(frozen=True)
+class ReportSection:
+    """``render(by_kind, sections_so_far, options) -> [Section]``; ``by_kind`` maps an artifact
+    kind to its artifacts, ``options`` holds ``gamma`` and ``gamma_quantile``."""
 
-    nav = "".join(f'<li><a href="#{s.id}">{_esc(s.title)}</a></li>' for s in sections)
-    parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
-        f"<title>{_esc(title)}</title><style>{CSS}</style>",
-        f"<script>{CHECK_SCRIPT}</script></head><body>",
-        f"<h1>{_esc(title)}</h1>",
-        f"<p>Activation patterns of parameters (Wang et al., AAAI 2025). Generated "
-        f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC by actpat {__version__}.</p>",
-    ]
-    if sections:
-        parts.append(f"<nav><ul>{nav}</ul></nav>")
-    else:
-        parts.append('<p class="note">No results found in the given paths.</p>')
-    for s in sections:
-        src = ", ".join(_esc(x) for x in s.sources[:6]) + (" ..." if len(s.sources) > 6 else "")
-        parts.append(f'<section id="{_esc(s.id)}"><h2>{_esc(s.title)}</h2>{s.body}'
-                     f'<p class="sources">from: {src}</p></section>')
-    if notes:
-        parts.append("<h2>Notes</h2><ul>" + "".join(f'<li class="note">{_esc(n)}</li>'
-                                                    for n in notes) + "</ul>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    render: Callable[[dict, list, dict], list[Section]]
 
 
-def write_report(paths: Iterable[str | Path], out: str | Path, title: str = "actpat report",
-                 gamma: float | None = None, gamma_quantile: float | None = 0.1) -> dict:
-    """Write the page; return what it holds (section ids, notes, size)."""
-    out = Path(out)
-    if out.suffix.lower() not in (".html", ".htm"):
-        raise UserError(f"--out {out} should end in .html")
-    sections, notes = build_sections(list(paths), gamma, gamma_quantile)
-    page = render_html(sections, notes, title)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
-    return {"out": str(out), "sections": [s.id for s in sections], "notes": notes,
-            "bytes": len(page.encode("utf-8"))}
+REPORT_SECTIONS: Registry[ReportSection] = Registry("report section")
+
+
+def register_section(kind: str, render: Callable[[list[Artifact]], list[Section]]) -> None:
+    """One section renderer for the artifacts of ``kind`` (a ``"kind": "actpat-<kind>"`` JSON)."""
+    REPORT_SECTIONS.add(kind, ReportSection(lambda by, done, opts: render(by.get(kind, []))))
+
+
+REPORT_SECTIONS.add("profile", ReportSection(lambda by, done, opts: profile_sections(
+    by["profile"], opts["gamma"], opts["gamma_quantile"])))
+REPORT_SECTIONS.add("counts", ReportSection(  # counts files stand in when no profile is there
+    lambda by, done, opts: [] if by["profile"] else counts_sections(by["counts"])))
+REPORT_SECTIONS.add("relate", ReportSection(  # the profiles' own relatedness comes first
+    lambda by, done, opts: [] if any(x.id.startswith("relatedness") for x in done)
+    else relate_sections(by["relate"])))
+register_section("similarity", similarity_sections)
+register_section("sts", sts_sections)
+REPORT_SECTIONS.add("allocation", ReportSection(
+    lambda by, done, opts: allocation_sections(by["allocation"], by["prune"])))
+register_section("prune", prune_sections)
+register_section("eval", eval_sections)
+register_section("smoke", smoke_sections)
+register_section("experiment", experiment_sections)
+register_section("calibration", calibration_sections)
+register_section("figure", figure_sections)
