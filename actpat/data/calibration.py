@@ -108,3 +108,18 @@ def packaged_calibration(tokenizer, n: int, seq_len: int) -> Samples:
     starts = [k * seq_len for k in range(count)]
     return Samples([stream[s:s + seq_len] for s in starts], starts,
                    "packaged probe texts (" + ", ".join(PROBE_DOMAINS) + ")", "probes", None)
+
+
+def text_windows(tokenizer, texts: list[str], seq_len: int) -> list[list[int]]:
+    """Calibration windows from in-memory texts: the texts joined by blank lines into one token
+    stream, cut into consecutive windows of exactly ``seq_len`` tokens (the remainder dropped)."""
+    if seq_len <= 1:
+        raise UserError(f"seq_len must be at least 2 (got {seq_len})")
+    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    stream: list[int] = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + sep
+    if len(stream) < seq_len:
+        raise UserError(f"the calibration texts give {len(stream)} tokens, fewer than one window "
+                        f"of {seq_len}; give more text or lower seq_len")
+    return [stream[k:k + seq_len] for k in range(0, len(stream) - seq_len + 1, seq_len)]

@@ -300,6 +300,16 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=True)["input_ids"]
 
 
+def encode_texts(tokenizer, texts: list[str], seq_len: int) -> list[list[int]]:
+    """Each text as a sample (as ``sample_sequences`` encodes a prompt): its first ``seq_len``
+    tokens; a text that tokenizes to nothing is refused."""
+    seqs = [_encode(tokenizer, t)[:seq_len] for t in texts]
+    empty = [i for i, s in enumerate(seqs) if not s]
+    if empty:
+        raise UserError(f"text {empty[0]} tokenizes to nothing; remove it")
+    return seqs
+
+
 def _sample_windows(tokenizer, dataset, n, seq_len, rng, split, data_dir) -> Samples:
     records = load_records(dataset, split, data_dir)
     if dataset == "c4":
