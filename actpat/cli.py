@@ -25,12 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"actpat.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"actpat.commands.{name}":
-                continue  # command not built yet
-            raise
+        module = importlib.import_module(f"actpat.commands.{name}")
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)

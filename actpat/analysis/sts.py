@@ -226,9 +226,6 @@ def encode_pairs(tokenizer, pairs: Pairs, max_tokens: int = 128) -> list[tuple[l
 # --------------------------------------------------------------------------- baselines
 
 
-BASELINES = ("hidden-mean", "hidden-last")
-
-
 @torch.no_grad()
 def hidden_state_similarity(lm: LoadedModel, pairs: list[tuple[list[int], list[int]]],
                             batch_size: int = 16) -> dict[str, np.ndarray]:

@@ -41,7 +41,6 @@ from .tasks import TASKS
 PERPLEXITY_SPLITS = {"wikitext2": "test", "c4": "validation"}
 ZERO_SHOT_TASKS = tuple(TASKS)
 ALL_TASKS = tuple(PERPLEXITY_SPLITS) + ZERO_SHOT_TASKS
-DEFAULT_TASKS = ALL_TASKS
 
 
 def parse_tasks(spec: str | list[str], allowed: tuple[str, ...] = ALL_TASKS,

@@ -15,7 +15,7 @@ quantile (``Settings.gamma_quantile``) and is recorded.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
@@ -412,10 +412,6 @@ def calibration_markdown(spec: dict) -> str:
                          f"{fmt(r['spearman_without_own'])} without the own-set pairs")
         lines.append("")
     return "\n".join(lines).rstrip()
-
-
-def with_settings(settings: Settings, **changes) -> Settings:
-    return replace(settings, **changes)
 
 
 # --------------------------------------------------------------------------- summaries

@@ -258,35 +258,3 @@ def reproduce_sts(lm: LoadedModel, out, dataset: str = "stsb", samples: int | No
     result.update(model=lm.identity, seed=seed, versions=versions())
     write_sts(result, out)
     return result
-
-
-def summarize_finding2(result: dict) -> dict:
-    """Finding 2 in numbers: mean pair similarity in the shallow and deep bands.
-
-    For each comparison: mean over pairs and over the band's layers (``relate_bands``); and
-    over all within- and all cross-domain comparisons, with the shallow - deep difference and
-    the share of cross-domain comparisons whose shallow mean exceeds their deep mean.
-    """
-    from ..analysis.similarity import relate_bands
-
-    bands = relate_bands(result["num_layers"])
-    rows = []
-    for c in result["comparisons"]:
-        a = np.array([[np.nan if v is None else v for v in r] for r in c["per_pair"]], float)
-        row = {"kind": c["kind"], "datasets": c["datasets"], "pairs": len(a)}
-        for b, (s, e) in bands.items():
-            row[b] = float(np.nanmean(a[:, s:e]))
-        row["layer0"] = float(np.nanmean(a[:, 0]))
-        rows.append(row)
-    out = {"bands": bands, "comparisons": rows}
-    for kind in ("within", "cross"):
-        sel = [r for r in rows if r["kind"] == kind]
-        out[kind] = {b: float(np.mean([r[b] for r in sel])) for b in (*bands, "layer0")}
-        out[kind]["shallow_minus_deep"] = out[kind]["shallow"] - out[kind]["deep"]
-        out[kind]["share_shallow_gt_deep"] = float(np.mean([r["shallow"] > r["deep"]
-                                                            for r in sel]))
-    cross_c4 = [r for r in rows if r["kind"] == "cross" and "c4" in r["datasets"]]
-    out["closest_to_c4_by_pairs"] = {
-        b: sorted(([next(d for d in r["datasets"] if d != "c4"), r[b]] for r in cross_c4),
-                  key=lambda x: -x[1]) for b in bands}
-    return out

@@ -192,14 +192,6 @@ def resolve_spec(spec: str) -> str:
     return spec
 
 
-def model_identity(spec: str) -> dict:
-    """What identifies the weights: the resolved path and its hash for a file, else the spec."""
-    resolved = resolve_spec(spec)
-    if resolved.endswith(".gguf") and Path(resolved).is_file():
-        return {"spec": spec, "path": resolved, "sha256": file_hash(resolved)}
-    return {"spec": spec, "path": resolved}
-
-
 @dataclass
 class LoadedModel:
     model: nn.Module

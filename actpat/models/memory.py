@@ -38,13 +38,6 @@ def parse_size(text: str | int | float) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def format_size(n: float) -> str:
-    for unit, f in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= f:
-            return f"{n / f:.1f} {unit}"
-    return f"{int(n)} B"
-
-
 def available_ram() -> int:
     """MemAvailable from /proc/meminfo (Linux), else a psutil-free fallback of total RAM."""
     try:

@@ -139,24 +139,6 @@ def plot_allocation(allocations: dict[str, list[float]], path, title: str | None
     _finish_layer_plot(fig, ax, path, "sparsity S_i", title or "Layer-wise sparsity per allocator")
 
 
-def plot_within_vs_cross(comparisons: list[dict], path, title: str | None = None) -> None:
-    """Mean pair similarity per layer: each comparison thin, within / cross averages bold."""
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    groups = {"within": [], "cross": []}
-    for comp in comparisons:
-        m = np.array([np.nan if v is None else v for v in comp["summary"]["mean"]], float)
-        groups[comp["kind"]].append(m)
-        ax.plot(m, color="C0" if comp["kind"] == "within" else "C3", lw=0.5, alpha=0.35)
-    for kind, color in (("within", "C0"), ("cross", "C3")):
-        if groups[kind]:
-            ax.plot(np.nanmean(groups[kind], axis=0), color=color, lw=2.5, marker="o", ms=3,
-                    label=f"{kind}-domain, mean of {len(groups[kind])} comparisons")
-    _finish_layer_plot(fig, ax, path, "mean pair similarity",
-                       title or "Within- vs cross-domain activation-pattern similarity", 8)
-
-
 def plot_calibration(spec: dict, path, title: str | None = None) -> None:
     """Validation 2: accuracy of each calibration set (rows) on each task (columns), minus the
     task's mean over calibration sets, in standard errors; the own-task cells are outlined."""
