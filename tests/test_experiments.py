@@ -6,8 +6,9 @@ import pytest
 from tinylm import save_tiny_lm
 
 from actpat.cli import main
-from actpat.experiments.runner import (Config, Settings, calibration_configs, result_path, run_plan,
-                                table1_configs, table_markdown)
+from actpat.experiments.runner import run_plan
+from actpat.experiments.tables import table_markdown
+from actpat.experiments.plan import Config, Settings, calibration_configs, result_path, table1_configs
 
 
 def _data(root):

@@ -109,8 +109,9 @@ def run(args) -> int:
 
 def _pruning(args) -> int:
     from ..evaluation.evaluate import parse_tasks
-    from ..experiments.runner import (ZERO_SHOT, Settings, calibration_configs, reproduce_calibration,
-                               reproduce_table1, table1_configs, write_calibration_summary)
+    from ..experiments.runner import reproduce_calibration, reproduce_table1
+    from ..experiments.tables import write_calibration_summary
+    from ..experiments.plan import ZERO_SHOT, Settings, calibration_configs, table1_configs
 
     for name in ("windows", "zero_shot_limit", "calibration_samples", "profile_samples",
                  "batch_size"):
@@ -183,34 +184,15 @@ def _relatedness(path: str | None) -> dict | None:
 
 def _fig1(args) -> int:
     """Profiles of several datasets, their counts and Figure 1 (skips finished profiles)."""
-    from ..data.datasets import sample_sequences
-    from ..models.loading import load_model
-    from ..outputs.plots import plot_layer_counts
-    from ..activation.profiling import PROFILE_FILE, Profile, compute_profile, counts
-    from ..runs import write_json
+    from ..experiments.fig1 import reproduce_fig1
 
     out = Path(args.out)
     datasets = [d.strip() for d in (args.datasets or FIG1_DATASETS).split(",") if d.strip()]
-    n = args.samples or 64
-    lm = None
-    results = []
-    for d in datasets:
-        run_dir = out / d
-        if not (run_dir / PROFILE_FILE).exists():
-            lm = lm or load_model(args.model, args.device, args.dtype, args.trust_remote_code)
-            s = sample_sequences(lm.tokenizer, d, n, args.seq_len, args.seed,
-                                 data_dir=args.data_dir)
-            meta = {"model": lm.identity, "dataset": d, "split": s.split,
-                    "data_source": s.source, "seq_len": args.seq_len, "seed": args.seed,
-                    "sample_indices": s.indices}
-            compute_profile(lm, s.sequences, args.batch_size, meta=meta,
-                            progress=not args.quiet).save(run_dir)
-        prof = Profile.load(run_dir)
-        c = counts(prof, None, args.gamma_quantile)
-        results.append({"run": str(run_dir), "dataset": d,
-                        "data_source": prof.meta.get("data_source"), **c.to_json()})
-        print(f"{d:<10} profiled; gamma={c.gamma:.3g} ({c.gamma_rule})")
-    write_json(out / "counts.json", results)
-    plot_layer_counts(results, out / "fig1.png")
+    results = reproduce_fig1(args.model, out, datasets, args.samples or 64, args.seq_len,
+                             args.seed, args.batch_size, args.gamma_quantile, args.data_dir,
+                             args.device, args.dtype, args.trust_remote_code,
+                             progress=not args.quiet)
+    for r in results:
+        print(f"{r['dataset']:<10} profiled; gamma={r['gamma']:.3g} ({r['gamma_rule']})")
     print(f"counts: {out}/counts.json  figure: {out}/fig1.png")
     return 0
