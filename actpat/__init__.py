@@ -13,7 +13,7 @@ The front door (imported on first use, so ``import actpat`` stays fast)::
     ppl = actpat.perplexity(handle, None, held_out_texts)
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _API = ("load_model", "profile", "counts", "allocate", "prune", "perplexity", "similarity", "sts",
         "report", "as_loaded")

@@ -40,7 +40,7 @@ def versions() -> dict:
     import torch
     import transformers
 
-    from . import __version__
+    from .version import __version__
 
     return {"actpat": __version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}

@@ -19,7 +19,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import __version__
+from ..version import __version__
 from .profiling import PROFILE_FILE, SUMMARY_FILE
 
 

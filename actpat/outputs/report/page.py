@@ -61,7 +61,7 @@ CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
 
 
 def render_html(sections: list[Section], notes: list[str], title: str = "actpat report") -> str:
-    from ... import __version__
+    from ...version import __version__
 
     nav = "".join(f'<li><a href="#{s.id}">{_esc(s.title)}</a></li>' for s in sections)
     parts = [
