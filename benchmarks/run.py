@@ -8,7 +8,7 @@ reported.
 
 Variants (each times ``--samples`` sequences after one untimed warm-up sample):
 
-* ``actpat-bB``: ``actpat.profile.compute_profile`` at batch size B (hooks, per-sample
+* ``actpat-bB``: ``actpat.activation.profiling.compute_profile`` at batch size B (hooks, per-sample
   gradients formed batched, only activations require grad).
 * ``authors``: the authors' style of loop -- every parameter requires grad, one backward per
   sample on the full logits, a deep copy of grad * w of *every* parameter per sample, then

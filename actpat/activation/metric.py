@@ -1,4 +1,4 @@
-"""The activation metric A(s, w) = |w * df(s)/dw| (METHOD.md section 1), batched and exact.
+"""The activation metric A(s, w) = |w * df(s)/dw| (docs/method.md section 1), batched and exact.
 
 The paper scores a weight w on a sample s by the first-order Taylor importance of w for the
 objective f(s) (default: the largest logit at the sample's last token). Computing it one
@@ -28,17 +28,17 @@ import torch
 from torch import nn
 
 from ..models.loading import ScoredMatrix, scored_matrices
+from ..registry import Registry
 
 # --------------------------------------------------------------------------- objectives
 
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-OBJECTIVES: dict[str, Objective] = {}
+OBJECTIVES: Registry[Objective] = Registry("objective")
 
 
 def register_objective(name: str):
     def wrap(fn: Objective) -> Objective:
-        OBJECTIVES[name] = fn
-        return fn
+        return OBJECTIVES.add(name, fn)
 
     return wrap
 
@@ -86,11 +86,7 @@ def mean_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
 
 
 def get_objective(name: str) -> Objective:
-    from ..errors import UserError
-
-    if name not in OBJECTIVES:
-        raise UserError(f"unknown objective '{name}': use one of {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name]
+    return OBJECTIVES.get(name)
 
 
 # --------------------------------------------------------------------------- batched scoring

@@ -1,5 +1,5 @@
-"""Checks of the paper's claims on computed results: Finding 1 on activation counts (METHOD.md
-section 6) and validation 2, calibration specificity, on pruning results (section 5).
+"""Checks of the paper's claims on computed results: Finding 1 on activation counts (docs/method.md
+section 3) and validation 2, calibration specificity, on pruning results (section 5).
 
 Finding 1: for same-domain inputs, shallow layers (except the first) are activated densely, deep
 layers and the first layer sparsely; general corpora (C4, WikiText-2) keep more activation in

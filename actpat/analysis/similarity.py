@@ -1,4 +1,4 @@
-"""Similarity of activation patterns (METHOD.md section 2), computed while scoring.
+"""Similarity of activation patterns (docs/method.md section 2), computed while scoring.
 
 For two samples a and b and one decoder layer, with the layer's scored matrices flattened and
 concatenated into activation vectors (A(s, w) >= 0 for every weight),

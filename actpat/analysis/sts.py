@@ -1,4 +1,4 @@
-"""Semantic similarity check (METHOD.md section 3; paper Finding 3 / Validation 3).
+"""Semantic similarity check (docs/method.md section 2; paper Finding 3 / Validation 3).
 
 For each sentence pair (raw sentences, no prompt) the per-layer activation-pattern similarity
 sim(a1, a2) (``actpat.similarity``) is compared with the human similarity score by Spearman's

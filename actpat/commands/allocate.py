@@ -1,4 +1,4 @@
-"""actpat allocate: layer-wise sparsities S_i for a target S (METHOD.md section 4)."""
+"""actpat allocate: layer-wise sparsities S_i for a target S (docs/method.md section 4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""actpat profile: a dataset's mean activation map (METHOD.md section 1)."""
+"""actpat profile: a dataset's mean activation map (docs/method.md section 1)."""
 
 from __future__ import annotations
 

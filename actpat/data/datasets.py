@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -38,19 +39,19 @@ class DatasetSpec:
     description: str = ""
 
 
-DATASETS: dict[str, DatasetSpec] = {}
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 
 def register_dataset(spec: DatasetSpec) -> DatasetSpec:
-    DATASETS[spec.name] = spec
-    return spec
+    return DATASETS.add(spec.name, spec)
 
 
 # --------------------------------------------------------------------------- prompt builders
 # lm-evaluation-harness zero-shot formats (the query part, without the answer).
 
 
-def _hellaswag_clean(text: str) -> str:
+def hellaswag_clean(text: str) -> str:
+    """lm-eval's hellaswag ``preprocess`` (WikiHow bracket artefacts), shared with the task."""
     text = text.strip().replace(" [title]", ". ")
     text = re.sub(r"\[.*?\]", "", text)
     return text.replace("  ", " ")
@@ -67,7 +68,7 @@ PROMPTS: dict[str, Callable[[dict], str]] = {
     "boolq": lambda r: f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:",
     "piqa": lambda r: f"Question: {r['goal']}\nAnswer:",
     "siqa": lambda r: f"Q: {r['context']} {r['question']}\nA:",
-    "hellaswag": lambda r: _hellaswag_clean(f"{r['activity_label']}: {r['ctx']}"),
+    "hellaswag": lambda r: hellaswag_clean(f"{r['activity_label']}: {r['ctx']}"),
     "mmlu": _mmlu_prompt,
     "gsm8k": lambda r: f"Question: {r['question']}\nAnswer:",
     "humaneval": lambda r: r["prompt"],

@@ -18,31 +18,27 @@ harness numbers. Known deviations, both forced by the local files:
 MMLU is one task over all subjects: each item's context starts with lm-eval's per-subject
 description ("The following are multiple choice questions (with answers) about X.\\n\\n"), so the
 scored strings are lm-eval's; acc over the items equals lm-eval's size-weighted group mean.
-Adding a task is one ``register_task(ZeroShotTask(...))`` call.
+The query of every task is ``data.datasets.PROMPTS`` (one prompt per dataset, used for profiling,
+calibration and evaluation alike). Adding a task is one ``register_task(ZeroShotTask(...))`` call.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
+
+from ..data.datasets import PROMPTS, hellaswag_clean
+from ..registry import Registry
 
 METRICS = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]
-
-
-def _hellaswag_preprocess(text: str) -> str:
-    """lm-eval's hellaswag ``preprocess`` (WikiHow bracket artefacts)."""
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
 
 
 def _hellaswag_hub_docs(dataset):
     """lm-eval's hellaswag ``process_docs`` for the raw hub rows."""
     def one(doc):
         ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
-        return {"query": _hellaswag_preprocess(doc["activity_label"] + ": " + ctx),
-                "choices": [_hellaswag_preprocess(e) for e in doc["endings"]],
+        return {"query": hellaswag_clean(doc["activity_label"] + ": " + ctx),
+                "choices": [hellaswag_clean(e) for e in doc["endings"]],
                 "gold": int(doc["label"])}
     return dataset.map(one)
 
@@ -50,16 +46,10 @@ def _hellaswag_hub_docs(dataset):
 def _hellaswag_local_docs(dataset):
     """Local rows are already preprocessed (PROVENANCE.md section 6); only build the fields."""
     def one(doc):
-        return {"query": _hellaswag_preprocess(doc["activity_label"] + ": " + doc["ctx"]),
-                "choices": [_hellaswag_preprocess(e) for e in doc["endings"]],
+        return {"query": PROMPTS["hellaswag"](doc),
+                "choices": [hellaswag_clean(e) for e in doc["endings"]],
                 "gold": int(doc["label"])}
     return dataset.map(one)
-
-
-_MMLU_TEXT = ("The following are multiple choice questions (with answers) about "
-              "{{subject.replace('_', ' ')}}.\n\n"
-              "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\n"
-              "D. {{choices[3]}}\nAnswer:")
 
 
 @dataclass(frozen=True)
@@ -88,27 +78,26 @@ class ZeroShotTask:
                 "doc_to_target": self.hub_target, **self.hub_extra}
 
 
-TASKS: dict[str, ZeroShotTask] = {}
+TASKS: Registry[ZeroShotTask] = Registry("zero-shot task")
 
 
 def register_task(task: ZeroShotTask) -> ZeroShotTask:
-    TASKS[task.name] = task
-    return task
+    return TASKS.add(task.name, task)
 
 
 register_task(ZeroShotTask(
     "boolq", "validation", ("aps/super_glue", "boolq"),
-    {"doc_to_text": "{{passage}}\nQuestion: {{question}}?\nAnswer:", "doc_to_choice": ["no", "yes"]},
+    {"doc_to_text": PROMPTS["boolq"], "doc_to_choice": ["no", "yes"]},
     local_target="{{answer|int}}", hub_target="label",
 ))
 register_task(ZeroShotTask(
     "piqa", "validation", ("baber/piqa", None),
-    {"doc_to_text": "Question: {{goal}}\nAnswer:", "doc_to_choice": "{{[sol1, sol2]}}"},
+    {"doc_to_text": PROMPTS["piqa"], "doc_to_choice": "{{[sol1, sol2]}}"},
     local_target="label", hub_target="label",
 ))
 register_task(ZeroShotTask(
     "siqa", "validation", ("lighteval/siqa", None),
-    {"doc_to_text": "Q: {{context}} {{question}}\nA:", "target_delimiter": " ",
+    {"doc_to_text": PROMPTS["siqa"], "target_delimiter": " ",
      "doc_to_choice": "{{[answerA, answerB, answerC]}}"},
     local_target="{{ (label|int) - 1 }}", hub_target="{{ (label|int) - 1 }}",
 ))
@@ -121,6 +110,6 @@ register_task(ZeroShotTask(
 ))
 register_task(ZeroShotTask(
     "mmlu", "test", ("cais/mmlu", "all"),
-    {"doc_to_text": _MMLU_TEXT, "doc_to_choice": ["A", "B", "C", "D"]},
+    {"doc_to_text": PROMPTS["mmlu"], "doc_to_choice": ["A", "B", "C", "D"]},
     local_target="answer", hub_target="answer",
 ))

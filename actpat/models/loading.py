@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..registry import Registry
 
 # --------------------------------------------------------------------------- adapters
 
@@ -46,12 +47,12 @@ class Adapter:
     matrices: dict[str, str]
 
 
-ADAPTERS: dict[str, Adapter] = {}
+ADAPTERS: Registry[Adapter] = Registry("architecture")
 
 
 def register_adapter(model_types: str | list[str], adapter: Adapter) -> Adapter:
     for t in [model_types] if isinstance(model_types, str) else model_types:
-        ADAPTERS[t] = adapter
+        ADAPTERS.add(t, adapter)
     return adapter
 
 
@@ -131,7 +132,7 @@ def get_adapter(model: nn.Module) -> Adapter:
         known = ", ".join(sorted(ADAPTERS))
         raise UserError(
             f"unsupported architecture '{model_type}': actpat knows {known}; "
-            "add one with actpat.models.register_adapter"
+            "add one with actpat.models.loading.register_adapter"
         )
     return ADAPTERS[model_type]
 

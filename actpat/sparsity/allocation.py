@@ -5,7 +5,7 @@ is the target S (weights: the number of scored weights in each layer) and with e
 [0, 1). The allocators:
 
 * ``uniform``: S_i = S.
-* ``activation`` (the paper, METHOD.md section 4): from the activated-weight counts N_i,
+* ``activation`` (the paper, docs/method.md section 4): from the activated-weight counts N_i,
   z_i = (N_i - mean N) / std N (population std, ddof=0; z = 0 when all N_i are equal),
   N'_i = sigmoid(z_i + alpha), S_i = S + beta*S*(1 - N'_i*L / sum_j N'_j).  The plain mean of
   these S_i is exactly S; when layer sizes are given and differ, the S_i are then multiplied by
@@ -162,7 +162,7 @@ def uniform(sparsity, *, counts=None, layer_sizes=None, model=None, **kw) -> lis
 
 def activation_formula(counts, sparsity: float, alpha: float = 2.0,
                        beta: float = 0.2) -> list[float]:
-    """METHOD.md section 4 literally: z-score, sigmoid(z + alpha), S + bS(1 - N'_i L / sum N')."""
+    """docs/method.md section 4 literally: z-score, sigmoid(z + alpha), S + bS(1 - N'_i L / sum N')."""
     n = np.asarray(counts, dtype=np.float64)
     std = n.std()
     z = np.zeros_like(n) if std == 0 else (n - n.mean()) / std

@@ -248,7 +248,7 @@ def _relatedness_sections(loaded) -> list[Section]:
                                           for i, n in enumerate(names)]))
         model = _model_name(profiles[0].meta.get("model"))
         body.append(_settings([("model", model), ("similarity", "cosine of |a| and |b| per "
-                                                  "layer (METHOD.md section 2)")]))
+                                                  "layer (docs/method.md section 2)")]))
         sid = "relatedness" if k == 0 else f"relatedness-{k}"
         out.append(Section(sid, "Dataset relatedness (mean profiles, Figure 6)", "\n".join(body),
                            [str(a.path) for a, _ in group]))
