@@ -102,14 +102,17 @@ def layer_sparsities(ctx: PlanState, lm, cfg: Config, calib) -> tuple[list[float
 def run_config(ctx: PlanState, cfg: Config) -> dict:
     """Prune a fresh model as ``cfg`` says, evaluate it, return the result record."""
     from ..runs import versions
+    from ..sparsity.allocation import ALLOCATORS
     from ..sparsity.layerwise import prune_model
+    from ..sparsity.pruners import get_pruner
 
     s = ctx.settings
     start = time.perf_counter()
     lm = _load(s)
     record: dict = {"name": cfg.name, "config": asdict(cfg), "settings": asdict(s)}
     if cfg.pruner is not None:
-        need_calib = cfg.pruner != "magnitude" or cfg.allocation in ("activation", "owl")
+        need_calib = get_pruner(cfg.pruner).stat is not None or \
+            bool(ALLOCATORS.get(cfg.allocation).needs & {"counts", "calibration"})
         calib = _calibration(lm, s, cfg) if need_calib else None
         if calib is not None:
             record["calibration"] = {"dataset": cfg.calibration, "source": calib.source,

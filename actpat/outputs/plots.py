@@ -1,4 +1,5 @@
-"""Figures (matplotlib, Agg backend): one function per figure, each writing a PNG."""
+"""Figures (matplotlib, Agg backend): one function per figure, each writing a PNG to a path or
+to a binary file object (the report embeds them from memory)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,23 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _save(fig, path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def _save(fig, path, tight: bool = True) -> None:
+    if not hasattr(path, "write"):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120 if tight else 100,
+                bbox_inches=None if tight else "tight")  # tight_layout ignores a shared colorbar
     plt.close(fig)
+
+
+def png_bytes(plot, *args, **kwargs) -> bytes:
+    """The PNG that ``plot(*args, path, **kwargs)`` draws, in memory."""
+    import io
+
+    buf = io.BytesIO()
+    plot(*args, buf, **kwargs)
+    return buf.getvalue()
 
 
 def _finish_layer_plot(fig, ax, path, ylabel: str, title: str, legend_size: int = 7,
@@ -73,6 +86,38 @@ def plot_similarity_boxes(comparisons: list[dict], path, title: str | None = Non
     _save(fig, path)
 
 
+def plot_similarity_panels(comparisons: list[dict], path) -> None:
+    """One panel per comparison (at most three a row): a box of pair similarities per layer."""
+    import math
+
+    shown = comparisons
+    n = len(shown)
+    cols = min(n, 3)
+    nrows = math.ceil(n / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.2 * nrows), squeeze=False,
+                             sharey=True)
+    for ax, c in zip(axes.flat, shown):
+        per_pair = [[v for v in col if v is not None and math.isfinite(v)]
+                    for col in zip(*c["per_pair"])]
+        ax.boxplot(per_pair, positions=range(len(per_pair)), widths=0.6, showfliers=False)
+        ticks = list(range(0, len(per_pair), max(1, len(per_pair) // 8)))
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.tick_params(labelsize=7)
+        ax.set_title(comparison_name(c), fontsize=9)
+        ax.set_xlabel("decoder layer", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("pattern similarity", fontsize=8)
+    _save(fig, path)
+
+
+def comparison_name(c: dict) -> str:
+    """``within X`` or ``X vs Y``: how figures and the report name a comparison."""
+    a, b = (c.get("datasets") or ["?", "?"])[:2]
+    return f"within {a}" if c.get("kind") == "within" else f"{a} vs {b}"
+
+
 def plot_similarity_medians(comparisons: list[dict], path, title: str | None = None) -> None:
     """Median pair similarity per layer, one line per comparison (within solid, cross dashed)."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -107,6 +152,25 @@ def plot_relatedness(names: list[str], matrix, path, title: str | None = None) -
     _save(fig, path)
 
 
+def plot_band_heatmaps(names: list[str], matrices: dict, path) -> None:
+    """One annotated dataset x dataset heatmap per band (title -> matrix), side by side."""
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(matrices), figsize=(4.2 * len(matrices), 3.9), squeeze=False)
+    for ax, (title, m) in zip(axes[0], matrices.items()):
+        m = np.asarray(m, dtype=float)
+        im = ax.imshow(m, vmin=min(0.5, float(m.min())), vmax=1.0, cmap="viridis")
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_title(title, fontsize=9)
+        for i in range(len(names)):
+            for j in range(len(names)):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="w" if m[i, j] < 0.85 else "k")
+    fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
+    _save(fig, path, tight=False)
+
+
 def plot_sts_layers(result: dict, path, title: str | None = None) -> None:
     """Spearman rho per layer: activation similarity (with bootstrap band) and the baselines."""
     import numpy as np
@@ -115,11 +179,13 @@ def plot_sts_layers(result: dict, path, title: str | None = None) -> None:
         return np.array([np.nan if x is None else x for x in v], dtype=float)
 
     rho = arr(result["per_layer_spearman"])
-    ci = np.array([[np.nan if x is None else x for x in c] for c in result["per_layer_ci"]])
     x = np.arange(len(rho))
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.plot(x, rho, marker="o", ms=3, color="C0", label="parameter activation")
-    ax.fill_between(x, ci[:, 0], ci[:, 1], color="C0", alpha=0.2)
+    if len(result.get("per_layer_ci") or []) == len(rho):
+        ci = np.array([[np.nan if x is None else x for x in (c or (None, None))]
+                       for c in result["per_layer_ci"]], dtype=float)
+        ax.fill_between(x, ci[:, 0], ci[:, 1], color="C0", alpha=0.2)
     for k, (name, vals) in enumerate(result.get("baselines", {}).items()):
         ax.plot(x, arr(vals), marker=".", ms=3, color=f"C{k + 1}", label=f"{name} cosine")
         c = result.get("baselines_ci", {}).get(name)
@@ -131,11 +197,15 @@ def plot_sts_layers(result: dict, path, title: str | None = None) -> None:
                        title or f"{result.get('dataset')}: {result.get('samples')} pairs")
 
 
-def plot_allocation(allocations: dict[str, list[float]], path, title: str | None = None) -> None:
-    """Layer-wise sparsity S_i per decoder layer, one line per allocator."""
+def plot_allocation(allocations: dict[str, list[float]], path, title: str | None = None,
+                    achieved: dict[str, list[float]] | None = None) -> None:
+    """Layer-wise sparsity S_i per decoder layer, one line per allocator (and, dashed, the
+    sparsity pruned models achieved)."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, s in allocations.items():
         ax.plot(range(len(s)), s, marker="o", ms=3, label=name)
+    for name, s in (achieved or {}).items():
+        ax.plot(range(len(s)), s, ls="--", lw=1, label=name)
     _finish_layer_plot(fig, ax, path, "sparsity S_i", title or "Layer-wise sparsity per allocator")
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 from collections.abc import Callable
@@ -39,6 +38,8 @@ from pathlib import Path
 
 from ...errors import UserError
 from ...registry import Registry
+from ..plots import (comparison_name, plot_allocation, plot_band_heatmaps,
+                     plot_similarity_panels, plot_sts_layers, png_bytes)
 from .discover import EVAL_METRICS, EVAL_TASKS, Artifact, _eval_rows, _layer_sparsities
 
 MAX_BOX_PANELS = 9  # similarity box plots drawn per run (all comparisons go in the tables)
@@ -80,25 +81,6 @@ class _Raw(str):
 def _png_tag(png: bytes, alt: str) -> str:
     data = base64.b64encode(png).decode("ascii")
     return f'<figure><img alt="{_esc(alt)}" src="data:image/png;base64,{data}"></figure>'
-
-
-def _fig_bytes(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _model_name(model) -> str:
@@ -200,29 +182,6 @@ def profile_sections(arts: list[Artifact], gamma: float | None,
     return sections
 
 
-def _band_heatmaps(names: list[str], matrices: dict) -> bytes:
-    """One annotated dataset x dataset heatmap per band (title -> matrix), side by side."""
-    import numpy as np
-
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(matrices), figsize=(4.2 * len(matrices), 3.9), squeeze=False)
-    for ax, (title, m) in zip(axes[0], matrices.items()):
-        m = np.asarray(m, dtype=float)
-        im = ax.imshow(m, vmin=min(0.5, float(m.min())), vmax=1.0, cmap="viridis")
-        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-        ax.set_yticks(range(len(names)), names, fontsize=7)
-        ax.set_title(title, fontsize=9)
-        for i in range(len(names)):
-            for j in range(len(names)):
-                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                        color="w" if m[i, j] < 0.85 else "k")
-    fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
-    buf = io.BytesIO()  # not _fig_bytes: tight_layout does not handle the shared colorbar
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def _relatedness_sections(loaded) -> list[Section]:
     """Dataset x dataset similarity of mean profiles (paper Figure 6), per model with >= 2 runs."""
     from ...analysis.similarity import dataset_similarity, relate_bands
@@ -238,7 +197,7 @@ def _relatedness_sections(loaded) -> list[Section]:
         names = _unique([str(p.meta.get("dataset") or a.path.name) for a, p in group])
         bands = relate_bands(profiles[0].num_layers)
         mat = dataset_similarity(profiles, names, bands)
-        png = _band_heatmaps(names, {f"{b} layers [{s}, {e})": mat.band(b)
+        png = png_bytes(plot_band_heatmaps, names, {f"{b} layers [{s}, {e})": mat.band(b)
                                      for b, (s, e) in bands.items()})
         body = [_png_tag(png, "dataset relatedness heatmap")]
         deep = mat.band("deep")
@@ -265,7 +224,7 @@ def relate_sections(arts: list[Artifact]) -> list[Section]:
                  and v.get("matrix")}
         if not names or not bands:
             continue
-        png = _band_heatmaps(names, {f"{band} layers [{b.get('start')}, {b.get('end')})":
+        png = png_bytes(plot_band_heatmaps, names, {f"{band} layers [{b.get('start')}, {b.get('end')})":
                                      b["matrix"] for band, b in bands.items()})
         body = [_png_tag(png, "dataset relatedness heatmap")]
         ref = d.get("reference")
@@ -318,27 +277,10 @@ def similarity_sections(arts: list[Artifact]) -> list[Section]:
         comps = d.get("comparisons") or []
         if not comps:
             continue
-        plt = _plt()
         shown = comps[:MAX_BOX_PANELS]
         n = len(shown)
-        cols = min(n, 3)
-        nrows = math.ceil(n / cols)
-        fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.2 * nrows), squeeze=False,
-                                 sharey=True)
-        for ax, c in zip(axes.flat, shown):
-            per_pair = [[v for v in col if v is not None and math.isfinite(v)]
-                        for col in zip(*c["per_pair"])]
-            ax.boxplot(per_pair, positions=range(len(per_pair)), widths=0.6, showfliers=False)
-            ticks = list(range(0, len(per_pair), max(1, len(per_pair) // 8)))
-            ax.set_xticks(ticks, [str(t) for t in ticks])
-            ax.tick_params(labelsize=7)
-            ax.set_title(_comparison_name(c), fontsize=9)
-            ax.set_xlabel("decoder layer", fontsize=8)
-            ax.grid(alpha=0.3)
-        for ax in list(axes.flat)[n:]:
-            ax.axis("off")
-        axes[0][0].set_ylabel("pattern similarity", fontsize=8)
-        body = [_png_tag(_fig_bytes(fig), "similarity box plots per layer")]
+        body = [_png_tag(png_bytes(plot_similarity_panels, shown),
+                         "similarity box plots per layer")]
         if len(comps) > n:
             body.append(f'<p class="note">Box plots of the first {n} of {len(comps)} '
                         "comparisons; the tables list all of them.</p>")
@@ -347,14 +289,14 @@ def similarity_sections(arts: list[Artifact]) -> list[Section]:
         rows = []
         for c in comps:
             med = [x for x in c["summary"]["median"]]
-            rows.append([_comparison_name(c), len(c.get("per_pair", [])),
+            rows.append([comparison_name(c), len(c.get("per_pair", [])),
                          _mean(med[1:half]), _mean(med[half:]), _mean(med)])
         body.append(_table(["comparison", "pairs", f"median sim, layers 1-{half - 1}",
                             f"median sim, layers {half}-{layers - 1}", "median sim, all"],
                            rows))
         per_layer = [[i] + [c["summary"]["median"][i] for c in comps] for i in range(layers)]
         body.append("<details><summary>median similarity per layer</summary>"
-                    + _table(["layer"] + [_comparison_name(c) for c in comps], per_layer)
+                    + _table(["layer"] + [comparison_name(c) for c in comps], per_layer)
                     + "</details>")
         sources = "; ".join(f"{k}: {v.get('source')}" for k, v in (d.get("datasets") or {}).items())
         body.append(_settings([
@@ -368,11 +310,6 @@ def similarity_sections(arts: list[Artifact]) -> list[Section]:
                               else a.path.name) + ")",
                            "\n".join(body), [str(a.path)]))
     return out
-
-
-def _comparison_name(c: dict) -> str:
-    a, b = (c.get("datasets") or ["?", "?"])[:2]
-    return f"within {a}" if c.get("kind") == "within" else f"{a} vs {b}"
 
 
 def _mean(xs) -> float | None:
@@ -397,23 +334,7 @@ def sts_sections(arts: list[Artifact]) -> list[Section]:
         rho = d.get("per_layer_spearman")
         if not rho:
             continue
-        plt = _plt()
-        fig, ax = plt.subplots(figsize=(7, 3.8))
-        x = list(range(len(rho)))
-        ax.plot(x, _nan(rho), marker="o", ms=3, label="parameter activation")
-        ci = d.get("per_layer_ci")
-        if ci and len(ci) == len(rho):
-            ax.fill_between(x, _nan([c[0] if c else None for c in ci]),
-                            _nan([c[1] if c else None for c in ci]), alpha=0.2)
-        for name, vals in (d.get("baselines") or {}).items():
-            ax.plot(range(len(vals)), _nan(vals), ls="--", label=name)
-        ax.axhline(0, color="k", lw=0.6)
-        ax.set_xlabel("decoder layer")
-        ax.set_ylabel("Spearman ρ vs human score")
-        ax.set_title(f"{d.get('dataset')}: {d.get('samples')} pairs", fontsize=9)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        body = [_png_tag(_fig_bytes(fig), "STS Spearman rho per layer")]
+        body = [_png_tag(png_bytes(plot_sts_layers, d), "STS Spearman rho per layer")]
         bands = d.get("bands") or {}
         if bands:
             rows = [[name, f"[{b.get('start')}, {b.get('end')})", b.get("paper"), b.get("rho"),
@@ -470,22 +391,14 @@ def allocation_sections(arts: list[Artifact], pruned: list[Artifact] = ()) -> li
         curves.append((a, str(method), cfg.get("sparsity", d.get("sparsity")), s, d))
     if not curves:
         return []
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    for a, method, target, s, _ in curves:
-        ax.plot(range(len(s)), s, marker="o", ms=3, label=f"{method} ({a.path.parent.name})"
-                if len({c[1] for c in curves}) < len(curves) else method)
-    for a in pruned:
-        got = a.data.get("achieved_per_layer")
-        if isinstance(got, list) and got:
-            ax.plot(range(len(got)), got, ls="--", lw=1,
-                    label=f"achieved: pruned/{a.path.parent.name}")
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("layer sparsity S_i")
-    ax.set_title("Layer-wise sparsity allocation", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    body = [_png_tag(_fig_bytes(fig), "allocation curves")]
+    dup = len({c[1] for c in curves}) < len(curves)
+    lines = {f"{method} ({a.path.parent.name})" if dup else method: s
+             for a, method, target, s, _ in curves}
+    achieved = {f"achieved: pruned/{a.path.parent.name}": a.data["achieved_per_layer"]
+                for a in pruned if isinstance(a.data.get("achieved_per_layer"), list)
+                and a.data["achieved_per_layer"]}
+    body = [_png_tag(png_bytes(plot_allocation, lines, title="Layer-wise sparsity allocation",
+                               achieved=achieved), "allocation curves")]
     rows = []
     for a, method, target, s, d in curves:
         cfg = d.get("config") if isinstance(d.get("config"), dict) else d
