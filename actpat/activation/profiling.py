@@ -319,3 +319,28 @@ def counts(profile: Profile, gamma: float | None = None,
         per_matrix[t][i] += c
         scored[i] += v.numel()
     return Counts(g, rule, layer_counts, per_matrix, scored)
+
+
+def counts_one_gamma(profiles: list[Profile], names: list[str], gamma: float | None = None,
+                     gamma_quantile: float | None = 0.1,
+                     reference: str | None = None) -> list[Counts]:
+    """Counts of several profiles with one gamma per model (the paper compares runs of a model
+    at one threshold): ``gamma`` itself, else the ``gamma_quantile`` of the model's reference
+    run (``reference`` among ``names`` when given, else the model's first run); each rule says
+    which run fixed it."""
+    if gamma is not None:
+        return [counts(p, gamma=gamma) for p in profiles]
+    order = sorted(range(len(profiles)), key=lambda i: names[i] != reference)
+    chosen: dict[str, tuple[float, str]] = {}
+    for i in order:
+        key = json.dumps(list(profiles[i].maps))
+        if key not in chosen:
+            g, rule = threshold(profiles[i], gamma_quantile=gamma_quantile)
+            chosen[key] = (g, f"{rule} of {names[i]}")
+    out = []
+    for p in profiles:
+        g, rule = chosen[json.dumps(list(p.maps))]
+        c = counts(p, gamma=g)
+        c.gamma_rule = rule
+        out.append(c)
+    return out

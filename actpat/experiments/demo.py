@@ -209,17 +209,15 @@ def step_profiles(ctx: DemoContext) -> str | None:
 
 def step_figure1(ctx: DemoContext) -> str | None:
     from ..outputs.plots import plot_layer_counts
-    from ..activation.profiling import Profile, counts, threshold
+    from ..activation.profiling import Profile, counts_one_gamma
     from ..runs import write_json
 
     rows = []
     dirs = profile_dirs(ctx)
     reference = _counts_profile(ctx)  # one gamma for all: the 0.1 quantile of the C4 profile
-    gamma, rule = threshold(Profile.load(reference), gamma_quantile=0.1)
-    for d in dirs:
-        prof = Profile.load(d)
-        c = counts(prof, gamma=gamma)
-        c.gamma_rule = f"{rule} of {reference.name}"
+    profiles = [Profile.load(d) for d in dirs]
+    for d, prof, c in zip(dirs, profiles, counts_one_gamma(
+            profiles, [d.name for d in dirs], gamma_quantile=0.1, reference=reference.name)):
         rows.append({"run": str(d), "dataset": prof.meta.get("dataset"),
                      "data_source": prof.meta.get("data_source"), "seed": prof.meta.get("seed"),
                      **c.to_json()})

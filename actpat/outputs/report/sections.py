@@ -123,7 +123,7 @@ def profile_sections(arts: list[Artifact], gamma: float | None,
                      gamma_quantile: float | None) -> list[Section]:
     """Figure 1 (activated weights per layer) for all profiles; relatedness per model."""
     from ..plots import plot_layer_counts
-    from ...activation.profiling import Profile, counts, threshold
+    from ...activation.profiling import Profile, counts_one_gamma
 
     if not arts:
         return []
@@ -134,18 +134,9 @@ def profile_sections(arts: list[Artifact], gamma: float | None,
         except UserError as e:
             problems.append(str(e))
     # One gamma per model, as `actpat counts` does: absolute, or the quantile of its first run.
-    model_gamma: dict[str, tuple[float, str]] = {}
-    for a, prof in loaded:
-        key = json.dumps(list(prof.maps), default=str)
-        if gamma is None and key not in model_gamma:
-            g, rule = threshold(prof, gamma_quantile=gamma_quantile)
-            model_gamma[key] = (g, f"{rule} of {a.path.name}")
-        if gamma is None:
-            g, rule = model_gamma[key]
-            c = counts(prof, gamma=g)
-            c.gamma_rule = rule
-        else:
-            c = counts(prof, gamma=gamma)
+    all_counts = counts_one_gamma([p for _, p in loaded], [a.path.name for a, _ in loaded],
+                                  gamma, gamma_quantile)
+    for (a, prof), c in zip(loaded, all_counts):
         rows.append({"run": a.path.name, "dataset": prof.meta.get("dataset") or a.path.name,
                      "model": _model_name(prof.meta.get("model")), **c.to_json()})
     sections = []
