@@ -1,7 +1,9 @@
-"""Run directories: refuse to overwrite foreign content, and small shared helpers."""
+"""Run directories and artifacts: refuse to overwrite foreign content, atomic JSON, versions."""
 
 from __future__ import annotations
 
+import json
+import platform
 from pathlib import Path
 
 from .errors import UserError
@@ -26,24 +28,19 @@ def prepare_out_dir(path: str | Path, overwrite: bool = False, owned: tuple[str,
     return path
 
 
-def run_pairs_command(args, owned: tuple[str, ...], compute, write) -> int:
-    """The frame of a command that scores pairs (``similarity``, ``sts``), on one or N ranks.
+def write_json(path: str | Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
 
-    Under torchrun / accelerate launch every rank joins the process group and loads the model;
-    ``compute(lm, progress)`` shares the pairs out (``actpat.distributed``) and returns the full
-    result on every rank; only rank 0 checks ``--out`` and calls ``write(result, out)``.
-    """
-    from .distributed import barrier, launched
-    from .models import load_model
 
-    with launched(args.device) as (ctx, device):
-        if ctx.is_main:
-            prepare_out_dir(args.out, args.overwrite, owned=owned)
-        barrier(ctx)
-        lm = load_model(args.model, device, args.dtype, args.trust_remote_code)
-        result = compute(lm, not args.quiet and ctx.is_main)
-        if ctx.is_main:
-            result["world_size"] = ctx.world_size
-            write(result, args.out)
-        barrier(ctx)
-    return 0
+def versions() -> dict:
+    import torch
+    import transformers
+
+    from .version import __version__
+
+    return {"actpat": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}

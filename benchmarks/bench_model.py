@@ -45,7 +45,7 @@ PROMPT, NEW = 32, 128
 def _resolve(spec: str) -> str:
     if Path(spec).is_dir():
         return spec
-    from actpat.models import gguf_to_safetensors, resolve_spec
+    from actpat.models.loading import gguf_to_safetensors, resolve_spec
 
     path = resolve_spec(spec)
     if path.endswith(".gguf"):

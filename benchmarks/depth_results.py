@@ -47,13 +47,15 @@ def main() -> None:
     steps = set(args.steps.split(","))
     torch.set_num_threads(1)
 
-    from actpat.calibration import calibration_sequences
-    from actpat.depth import (activation_scores, block_influence, equivalent_sparsity,
+    from actpat.data.calibration import calibration_sequences
+    from actpat.sparsity.depth import (activation_scores, block_influence, equivalent_sparsity,
                               lowest_layers, remove_layers, removal_order, search_layers)
-    from actpat.evaluation import load_corpus, perplexity
-    from actpat.models import decoder_layers, load_model
-    from actpat.profile import PROFILE_FILE, Profile, compute_profile, counts, write_json
-    from actpat.pruning import prune_model, save_pruned
+    from actpat.evaluation.evaluate import load_corpus, perplexity
+    from actpat.models.loading import decoder_layers, load_model
+    from actpat.activation.profiling import PROFILE_FILE, Profile, compute_profile, counts
+    from actpat.runs import write_json
+    from actpat.sparsity.layerwise import prune_model
+    from actpat.sparsity.saving import save_pruned
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

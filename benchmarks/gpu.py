@@ -5,7 +5,7 @@ random ids. Measures, on one GPU:
 
 * profiling throughput (tokens/s) of actpat's batched per-sample metric against a plain
   forward+backward of the same objective over the same tokens, batch sizes 1-16 at 512 tokens;
-* Wanda pruning wall time (actpat.pruning) for all 32 layers with 128 x 2048 calibration tokens;
+* Wanda pruning wall time (actpat.sparsity.layerwise) for all 32 layers with 128 x 2048 calibration tokens;
 * peak GPU memory of each phase.
 
 ``--tiny`` runs the same code on a toy shape on CPU in seconds (the tests use it). Results go to
@@ -59,8 +59,8 @@ def build(shape: dict, dtype, device):
 
 
 def bench_profile(model, device, batch_sizes, seq_len, steps, vocab):
-    from actpat.metric import MeanAccumulator, score_batch
-    from actpat.models import scored_matrices
+    from actpat.activation.metric import MeanAccumulator, score_batch
+    from actpat.models.loading import scored_matrices
 
     mats = scored_matrices(model)
     rows = []
@@ -110,7 +110,7 @@ def _plain_step(model, ids):
 
 
 def bench_wanda(model, device, n, seq_len, vocab, batch_size):
-    from actpat.pruning import model_sparsity, prune_model
+    from actpat.sparsity.layerwise import model_sparsity, prune_model
 
     g = torch.Generator().manual_seed(0)
     calib = torch.randint(3, vocab, (n, seq_len), generator=g).tolist()
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
         result["wanda"] = bench_wanda(model, device, plan["calib_n"], plan["calib_len"],
                                       shape["vocab_size"], plan["calib_batch"])
     except ImportError as e:
-        result["wanda"] = {"error": f"actpat.pruning unavailable: {e}"}
+        result["wanda"] = {"error": f"actpat.sparsity.layerwise unavailable: {e}"}
     result["total_s"] = round(time.perf_counter() - t0, 1)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["wanda"]))

@@ -2,7 +2,7 @@
 
 Each pruner runs in its own subprocess (so each peak RSS is its own): load the model (cached
 float32 copy), draw the calibration windows (c4 train, ``--samples`` x ``--seq-len`` tokens,
-seed 0), then ``actpat.pruning.prune_model`` at 50% unstructured sparsity (uniform), timed.
+seed 0), then ``actpat.sparsity.layerwise.prune_model`` at 50% unstructured sparsity (uniform), timed.
 Reported per pruner: prune wall and CPU time, the peak RSS (VmHWM) while pruning (the counter
 is reset after loading, through /proc/self/clear_refs), the RSS just before pruning (model +
 calibration data) and the peak of the loading phase.
@@ -47,9 +47,9 @@ def worker(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from actpat.calibration import calibration_sequences
-    from actpat.models import load_model
-    from actpat.pruning import prune_model
+    from actpat.data.calibration import calibration_sequences
+    from actpat.models.loading import load_model
+    from actpat.sparsity.layerwise import prune_model
 
     t0 = time.perf_counter()
     lm = load_model("smollm2-135m", device="cpu")

@@ -8,7 +8,7 @@ reported.
 
 Variants (each times ``--samples`` sequences after one untimed warm-up sample):
 
-* ``actpat-bB``: ``actpat.profile.compute_profile`` at batch size B (hooks, per-sample
+* ``actpat-bB``: ``actpat.activation.profiling.compute_profile`` at batch size B (hooks, per-sample
   gradients formed batched, only activations require grad).
 * ``authors``: the authors' style of loop -- every parameter requires grad, one backward per
   sample on the full logits, a deep copy of grad * w of *every* parameter per sample, then
@@ -109,9 +109,9 @@ def _plain(model, sequences, batch_size):
 def worker(variant: str, seq_len: int, samples: int, seed: int) -> dict:
     import torch
 
-    from actpat.data import sample_sequences
-    from actpat.models import load_model, scored_matrices
-    from actpat.profile import compute_profile
+    from actpat.data.datasets import sample_sequences
+    from actpat.models.loading import load_model, scored_matrices
+    from actpat.activation.profiling import compute_profile
 
     lm = load_model("smollm2-135m", "cpu", "float32")
     data = sample_sequences(lm.tokenizer, "c4", samples + 1, seq_len, seed)

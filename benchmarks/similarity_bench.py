@@ -28,10 +28,10 @@ def child(kind: str, n: int, seq_len: int, threads: int) -> dict:
 
     if threads:
         torch.set_num_threads(threads)
-    from actpat.data import sample_sequences
-    from actpat.models import load_model
-    from actpat.profile import compute_profile
-    from actpat.similarity import pair_similarity
+    from actpat.data.datasets import sample_sequences
+    from actpat.models.loading import load_model
+    from actpat.activation.profiling import compute_profile
+    from actpat.analysis.similarity import pair_similarity
 
     lm = load_model("smollm2-135m", "cpu")
     seqs = sample_sequences(lm.tokenizer, "c4", 2 * n, seq_len, 0).sequences

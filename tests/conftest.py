@@ -86,7 +86,7 @@ def pytest_unconfigure(config):
 def isolated_caches():
     """Every cache under one temporary folder (set at import, checked here for every session)."""
     _isolate()
-    from actpat.models import cache_dir
+    from actpat.models.loading import cache_dir
 
     assert cache_dir() == CACHE_ENV["ACTPAT_CACHE_DIR"]
     yield dict(CACHE_ENV)
@@ -170,7 +170,7 @@ def smollm2_gguf() -> Path:
 def smollm2(smollm2_gguf):
     """SmolLM2-135M (float32, CPU), loaded once per session through actpat's loader. Any
     loading error fails every test that uses it."""
-    from actpat.models import load_model
+    from actpat.models.loading import load_model
 
     return load_model("smollm2-135m", device="cpu")
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from actpat.allocation import (ALLOCATORS, activation_formula, allocate, alphapruning_formula,
+from actpat.sparsity.allocation import (ALLOCATORS, activation_formula, allocate, alphapruning_formula,
                                check_profile, fix_mean, hill_alpha, model_layer_sizes,
                                owl_formula, MAX_SPARSITY)
 from actpat.cli import main
 from actpat.errors import UserError
-from actpat.models import LoadedModel, scored_matrices
-from actpat.profile import Profile
+from actpat.models.loading import LoadedModel, scored_matrices
+from actpat.activation.profiling import Profile
 from helpers import calib as _calib
 from helpers import fail
 from reference import linear_modules, out_in
@@ -153,7 +153,7 @@ def test_every_allocator_against_its_formula(sparsity):
                                        linear_modules(model).items() if i == 0)
     kw = dict(model=model, calib_inputs=calib(), layer_sizes=sizes, alpha=2.0, beta=0.9)
     for method in sorted(ALLOCATORS):
-        raw = ALLOCATORS[method](sparsity, counts=[300, 40], **kw)
+        raw = ALLOCATORS[method].fn(sparsity, counts=[300, 40], **kw)
         assert len(raw) == 2
         assert weighted(raw, sizes) == pytest.approx(sparsity, abs=1e-12), method
     assert allocate("uniform", sparsity, model=model) == [sparsity, sparsity]
@@ -207,7 +207,7 @@ def test_alphapruning_against_svd_and_hill_loops():
 @pytest.mark.slow
 def test_alphapruning_alpha_on_real_smollm2_spectra(smollm2):
     """matrix_alpha on real trained spectra (SmolLM2) equals the plain-loop estimate."""
-    from actpat.allocation import matrix_alpha
+    from actpat.sparsity.allocation import matrix_alpha
 
     mods = linear_modules(smollm2.model)
     for name in ("model.layers.0.self_attn.k_proj", "model.layers.15.self_attn.q_proj",
@@ -292,7 +292,7 @@ def test_profile_from_another_model_is_refused():
 
 
 def test_cli_allocate_activation_from_profile(tmp_path, capsys):
-    from actpat.profile import counts
+    from actpat.activation.profiling import counts
 
     prof = _profile_of(tiny_model("llama"), {"spec": "a", "path": "/a"})
     prof.save(tmp_path / "run")

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from actpat import allocation
-from actpat.allocation_search import (MAX_SPARSITY, MaskScorer, SearchSettings, evolve,
+from actpat.sparsity import allocation
+from actpat.sparsity.allocation_search import (MAX_SPARSITY, MaskScorer, SearchSettings, evolve,
                                       pair_move)
 from actpat.errors import UserError
-from actpat.pruning import prune_model
+from actpat.sparsity.layerwise import prune_model
 from helpers import calib
 from tiny import ARCHS, tiny_model
 
@@ -176,8 +176,8 @@ def test_search_on_a_tiny_model_is_consistent_and_not_worse():
 
 
 def test_search_allocation_entry_on_a_tiny_model():
-    from actpat.allocation import activation_formula, fix_mean, model_layer_sizes
-    from actpat.allocation_search import search_allocation
+    from actpat.sparsity.allocation import activation_formula, fix_mean, model_layer_sizes
+    from actpat.sparsity.allocation_search import search_allocation
 
     seqs, held = calib(6, 20), calib(4, 20, seed=5)
     model = tiny_model("llama", seed=6)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from actpat.allocation import MAX_SPARSITY, fix_mean, owl_formula
-from actpat.allocators_2025 import (atp_grid, atp_grid_search, atp_max_beta, atp_schedule,
+from actpat.sparsity.allocation import MAX_SPARSITY, fix_mean, owl_formula
+from actpat.sparsity.allocators_2025 import (atp_grid, atp_grid_search, atp_max_beta, atp_schedule,
                                     dlp_formula, layer_median_scores)
 from actpat.errors import UserError
 from helpers import calib
@@ -149,8 +149,8 @@ def test_dlp_medians_against_plain_forwards():
 
 
 def test_atp_and_dlp_entries_on_a_tiny_model():
-    from actpat.allocation_search import MaskScorer
-    from actpat.allocators_2025 import atp_allocation, dlp_allocation
+    from actpat.sparsity.allocation_search import MaskScorer
+    from actpat.sparsity.allocators_2025 import atp_allocation, dlp_allocation
 
     seqs, held = calib(6, 20), calib(4, 20, seed=5)
     model = tiny_model("llama", seed=7)

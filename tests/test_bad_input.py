@@ -150,7 +150,7 @@ def profile(model, text_file, tmp_path):
 
 
 def test_header_reader_measures_a_complete_file(tmp_path):
-    from actpat.gguf_header import read_header
+    from actpat.models.gguf_header import read_header
 
     path = write_gguf(tmp_path / "ok.gguf")
     header = read_header(path)
@@ -204,7 +204,7 @@ def test_damaged_cache_entry_is_rebuilt_not_reused(tmp_path, monkeypatch):
     """A dequantised entry whose files do not match its record is rebuilt; a good one is kept."""
     import torch
 
-    from actpat.models import _smollm2_gguf, gguf_to_safetensors
+    from actpat.models.loading import _smollm2_gguf, gguf_to_safetensors
 
     monkeypatch.setenv("ACTPAT_CACHE_DIR", str(tmp_path / "cache"))
     try:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from actpat.data import DATASETS, PROMPTS, load_records, record_texts, sample_sequences
+from actpat.data.datasets import DATASETS, PROMPTS, load_records, record_texts, sample_sequences
 from actpat.errors import UserError
 from helpers import CharTok
 

@@ -26,13 +26,23 @@ def test_demo_with_probe_texts_resumes(tmp_path, capsys, offline, monkeypatch):
     state = json.loads((out / "demo.json").read_text())
     steps = state["steps"]
     assert state["data_mode"] == "probes" and state["seed"] == 0
-    for name in ("sts", "prune", "eval"):
-        assert steps[name]["status"] == "skipped"
+    assert steps["sts"]["status"] == "skipped"  # no packaged sentence pairs
+    for name in ("prune", "eval"):  # the smoke run: Wanda on the probe texts, held-out perplexity
+        assert steps[name]["status"] == "done", steps[name]
+    smoke = json.loads((out / "eval" / "smoke.json").read_text())
+    assert "not a benchmark" in smoke["label"] and smoke["corpus"] == "probes/heldout.txt"
+    assert [r["model"] for r in smoke["rows"]] == ["dense", "wanda-uniform", "wanda-activation"]
+    assert all(r["ppl"] > 1 and r["windows"] >= 1 for r in smoke["rows"])
+    for method in ("uniform", "activation"):
+        record = json.loads((out / "pruned" / method / "actpat_prune.json").read_text())
+        assert record["calibration"]["dataset"] == "probes"
+        assert abs(record["achieved_sparsity"] - 0.5) < 0.01
     assert steps["profiles"]["status"] == "done" and steps["report"]["status"] == "done"
     assert sorted(p.name for p in (out / "profiles").iterdir()) == sorted(
         ["probe-arithmetic", "probe-code", "probe-prose", "probe-questions"])
     html = (out / "report.html").read_text()
     assert "Activated weights per layer" in html
+    assert "Smoke run on packaged texts (not a benchmark)" in html
     before = (out / "profiles" / "probe-code" / "profile.safetensors").stat().st_mtime_ns
     assert main(argv) == 0
     again = capsys.readouterr().out

@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from actpat.depth import (activation_scores, block_influence, choose_layers,
+from actpat.sparsity.depth import (activation_scores, block_influence, choose_layers,
                           equivalent_sparsity, lowest_layers, remove_layers, removal_order,
                           search_layers, without_layers)
 from actpat.errors import UserError
-from actpat.models import decoder_layers, get_adapter
-from actpat.profile import Profile
+from actpat.models.loading import decoder_layers, get_adapter
+from actpat.activation.profiling import Profile
 from tiny import ARCHS, VOCAB, _configs
 
 

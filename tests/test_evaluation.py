@@ -10,7 +10,7 @@ from tiny import tiny_model
 from tinylm import char_tokenizer, save_tiny_lm
 
 from actpat.cli import main
-from actpat.evaluation import Corpus, load_corpus, perplexity, window_nll, zero_shot
+from actpat.evaluation.evaluate import Corpus, load_corpus, perplexity, window_nll, zero_shot
 
 
 def slow_perplexity(model, ids, seq_len, limit):
@@ -198,7 +198,7 @@ def test_zero_shot_smollm2_matches_independent_scorer(smollm2, data_dir):
 
 
 def test_answer_shares_on_fixed_items():
-    from actpat.evaluation import answer_shares
+    from actpat.evaluation.evaluate import answer_shares
 
     def item(gold, lls):
         return {"target": gold, "resps": [[[ll, False]] for ll in lls]}

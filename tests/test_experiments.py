@@ -6,8 +6,10 @@ import pytest
 from tinylm import save_tiny_lm
 
 from actpat.cli import main
-from actpat.experiments import (Config, Settings, calibration_configs, result_path, run_plan,
-                                table1_configs, table_markdown)
+from actpat.experiments.plan import (Config, Settings, calibration_configs, result_path,
+                                     table1_configs)
+from actpat.experiments.runner import run_plan
+from actpat.experiments.tables import table_markdown
 from helpers import fail, interrupted, ok, raise_on_call
 
 
@@ -186,7 +188,7 @@ def test_qa_calibration_never_uses_the_evaluated_items(any_data):
 
     from tinylm import char_tokenizer
 
-    from actpat.experiments import _calibration
+    from actpat.experiments.runner import _calibration
 
     lm = SimpleNamespace(tokenizer=char_tokenizer())
     for limit, first in ((50, 200), (300, 300)):
@@ -243,7 +245,7 @@ def test_reproduce_similarity_resumes_after_ctrl_c_and_a_torn_line(tmp_path, cap
                                                                     monkeypatch, synthetic_data):
     import numpy as np
 
-    import actpat.similarity as S
+    import actpat.analysis.similarity as S
 
     model = save_tiny_lm(tmp_path / "m")
     argv = ["reproduce", "similarity", "--model", model, "--samples", "2", "--data-dir",
@@ -292,7 +294,7 @@ def test_reproduce_sts_resumes_after_ctrl_c_and_a_torn_line(tmp_path, capsys, mo
                                                              synthetic_data):
     import numpy as np
 
-    import actpat.similarity as S
+    import actpat.analysis.similarity as S
 
     model = save_tiny_lm(tmp_path / "m")
     argv = ["reproduce", "sts", "--model", model, "--samples", "20", "--data-dir",

@@ -1,6 +1,6 @@
 import math
 
-from actpat.findings import bands, finding1
+from actpat.analysis.findings import bands, finding1
 
 
 def test_bands_cover_all_layers_once():
@@ -40,7 +40,7 @@ def _relate(names, matrix):
 
 
 def test_calibration_specificity_own_set_rank_margin_and_relatedness():
-    from actpat.findings import calibration_specificity
+    from actpat.analysis.findings import calibration_specificity
 
     results = [
         _calib(None, {"a": 0.9, "b": 0.9}, pruner=None),

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from actpat.metric import MeanAccumulator, pad_batch, score_batch
+from actpat.activation.metric import MeanAccumulator, pad_batch, score_batch
 from helpers import max_rel_err, random_sequences
 from reference import autograd_activations, linear_modules, summed_then_abs
 from tiny import ARCHS, VOCAB, tiny_model

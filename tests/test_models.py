@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from actpat.errors import UserError
-from actpat.models import load_model, scored_matrices
-from actpat.profile import Profile, compute_profile
+from actpat.models.loading import load_model, scored_matrices
+from actpat.activation.profiling import Profile, compute_profile
 from helpers import LM
 from reference import decoder_layer_list, linear_modules
 from tiny import ARCHS, tiny_model

@@ -10,7 +10,7 @@ from tiny import tiny_model
 def test_zero_shot_log_likelihoods_are_float32_in_a_bfloat16_model():
     """lm-eval sums choice log-likelihoods in the logits' dtype: they must leave the model as
     float32 even when it computes in bfloat16."""
-    from actpat.evaluation import float32_logits
+    from actpat.evaluation.evaluate import float32_logits
 
     model = tiny_model("llama").to(torch.bfloat16).eval()
     x = torch.tensor([[3, 4, 5, 6]])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from actpat.errors import UserError
-from actpat.profile import Profile, counts, threshold
+from actpat.activation.profiling import Profile, counts, threshold
 
 
 def make_profile(seed=0, layers=3):

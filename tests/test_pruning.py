@@ -7,12 +7,14 @@ import math
 import pytest
 import torch
 
-from actpat.calibration import calibration_sequences
+from actpat.data.calibration import calibration_sequences
 from actpat.cli import main
 from actpat.errors import UserError
-from actpat.models import decoder_layers, scored_matrices
-from actpat.pruning import (PRUNE_RECORD, capture_layer_inputs, load_record, nm_mask,
-                            parse_pattern, prune_model, row_mask, save_pruned, sparsegpt_prune)
+from actpat.models.loading import decoder_layers, scored_matrices
+from actpat.sparsity.layerwise import capture_layer_inputs, prune_model
+from actpat.sparsity.masks import nm_mask, parse_pattern, row_mask
+from actpat.sparsity.pruners import sparsegpt_prune
+from actpat.sparsity.saving import PRUNE_RECORD, load_record, save_pruned
 from transformers.pytorch_utils import Conv1D
 
 from helpers import calib, fail
@@ -274,7 +276,7 @@ def test_save_reload_gives_same_logits(arch, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
     # ... and through actpat's own loader (what `actpat eval --model DIR` uses)
-    from actpat.models import load_model
+    from actpat.models.loading import load_model
 
     lm = load_model(str(tmp_path / "out"), "cpu")
     assert type(lm.model) is type(model) and lm.identity["path"] == str(tmp_path / "out")
@@ -314,7 +316,7 @@ def test_qa_calibration_skips_evaluated_rows(tmp_path):
 
 
 def test_qa_calibration_appends_gold_answers(any_data):
-    from actpat.data import load_records
+    from actpat.data.datasets import load_records
 
     tok = char_tokenizer()
     s = calibration_sequences(tok, "boolq", 40, 64, seed=0, data_dir=any_data, exclude_first=200)
@@ -391,7 +393,7 @@ def test_cli_prune_smollm2_end_to_end(tmp_path, data_dir, smollm2):
 
 
 def test_mask_selection_equals_stable_sort_with_many_ties():
-    from actpat.pruning import matrix_mask
+    from actpat.sparsity.masks import matrix_mask
 
     g = torch.Generator().manual_seed(0)
     for _ in range(200):

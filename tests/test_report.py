@@ -89,7 +89,7 @@ def expected_headings(made: set[str]) -> list[str]:
 def labelled(run_dir) -> list[dict]:
     """Table rows the page must hold: each result's label and value in the same row, formatted
     as the report formats numbers."""
-    from actpat.report import _num
+    from actpat.outputs.report.sections import _num
 
     summary = json.loads((run_dir / "profile-prose" / "summary.json").read_text())
     rows = [{"run": "profile-prose", "samples": str(summary["samples"]),
@@ -175,7 +175,8 @@ def test_renders_in_headless_chromium(runs, page, tmp_path):
                                              "chromium; .ci/run installs it)")
 def test_render_check_detects_external_and_broken_loads(tmp_path):
     """The counters the render test reads do count a blocked network load and a broken image."""
-    from actpat.report import Section, render_html
+    from actpat.outputs.report.page import render_html
+    from actpat.outputs.report.sections import Section
 
     bad = Section("bad", "Bad", '<img src="http://example.invalid/x.png" alt="x">'
                                 '<img src="data:image/png;base64,AAAA" alt="y">')

@@ -10,11 +10,12 @@ import time
 import pytest
 import torch
 
-import actpat.profile as profile_mod
-from actpat.checkpointing import Checkpointer, LoopState, cacheable, profile_key
+import actpat.activation.profiling as profile_mod
+from actpat.activation.checkpoint import Checkpointer, LoopState
+from actpat.activation.cache import cacheable, profile_key
 from actpat.cli import main
 from actpat.errors import UserError
-from actpat.profile import Profile, compute_profile
+from actpat.activation.profiling import Profile, compute_profile
 from helpers import LM, PROSE, QUESTIONS, ROOT, assert_same_tensors
 from helpers import random_lengths_sequences as _seqs
 from tiny import tiny_model
@@ -70,7 +71,7 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
 
 _SLOW_CLI = """
 import sys, time
-import actpat.profile as P
+import actpat.activation.profiling as P
 orig = P.score_batch
 def slow(*a, **k):
     time.sleep(0.4)

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import actpat.memory as memory
-import actpat.profile as profile_mod
-from actpat.distributed import Context, shard, shard_positions
+import actpat.models.memory as memory
+import actpat.activation.profiling as profile_mod
+from actpat.activation.distributed import Ranks, shard, shard_positions
 from actpat.errors import UserError
-from actpat.memory import BatchPlanner, is_oom, parse_size
-from actpat.profile import Profile, compute_profile
+from actpat.models.memory import BatchPlanner, is_oom, parse_size
+from actpat.activation.profiling import Profile, compute_profile
 from helpers import LM, PROSE, ROOT
 from helpers import max_rel_abs as _max_rel
 from helpers import random_lengths_sequences as _seqs
@@ -34,17 +34,17 @@ def _free_port() -> int:
 
 def test_shard_covers_every_sample_once():
     items = list(range(11))
-    parts = [shard(items, Context(r, 3)) for r in range(3)]
+    parts = [shard(items, Ranks(r, 3)) for r in range(3)]
     assert sorted(sum(parts, [])) == items
     assert [len(p) for p in parts] == [4, 4, 3]
-    assert shard_positions(11, Context(1, 3)) == parts[1]
+    assert shard_positions(11, Ranks(1, 3)) == parts[1]
 
 
 def test_context_from_env_validates():
-    assert Context.from_env({}) == Context(0, 1, 0)
-    assert Context.from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}).rank == 1
+    assert Ranks.from_env({}) == Ranks(0, 1, 0)
+    assert Ranks.from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}).rank == 1
     with pytest.raises(UserError):
-        Context.from_env({"RANK": "2", "WORLD_SIZE": "2"})
+        Ranks.from_env({"RANK": "2", "WORLD_SIZE": "2"})
 
 
 def _cli(args, env_extra=None, timeout=300):
@@ -196,7 +196,7 @@ def test_auto_batch_size_under_a_small_budget_is_exact(monkeypatch):
 
 PROBE_SCRIPT = """
 import torch
-from actpat import memory
+from actpat.models import memory
 probe = memory.MemoryProbe("cpu")
 if not probe.reset_peak():
     print("skip")
@@ -261,8 +261,8 @@ def test_oom_on_a_single_sample_is_a_user_error(monkeypatch):
 
 @pytest.mark.parametrize("budget", ["20KB", "60KB"])  # everything on disk / embeddings in RAM
 def test_device_map_offload_profile_equals_plain(tmp_path, budget):
-    from actpat.models import load_model
-    from actpat.offload import load_dispatched
+    from actpat.models.loading import load_model
+    from actpat.models.offload import load_dispatched
 
     model_dir = save_tiny_lm(tmp_path / "lm", "llama")
     seqs = _seqs(5, seed=3)
@@ -311,7 +311,7 @@ def test_profile_cli_max_memory_list_needs_device_map(tmp_path, capsys):
 @pytest.mark.slow
 def test_smollm2_with_a_small_memory_budget_equals_unconstrained(tmp_path, smollm2):
     """SmolLM2 dispatched with 150 MB of RAM for weights (the rest on disk) == plain run."""
-    from actpat.offload import load_dispatched
+    from actpat.models.offload import load_dispatched
 
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(10, 40000, (24,), generator=g).tolist() for _ in range(2)]
@@ -350,8 +350,8 @@ def test_offloaded_pruning_equals_plain_pruning(arch, pruner):
     """
     import copy
 
-    from actpat.offload import prune_offloaded
-    from actpat.pruning import prune_model
+    from actpat.sparsity.layerwise import prune_offloaded
+    from actpat.sparsity.layerwise import prune_model
 
     plain = tiny_model(arch)
     offloaded = copy.deepcopy(plain)
@@ -364,7 +364,7 @@ def test_offloaded_pruning_equals_plain_pruning(arch, pruner):
     a, b = plain.state_dict(), offloaded.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any((v == 0).float().mean() > 0.2 for v in b.values())  # it did prune
-    from actpat.models import decoder_layers
+    from actpat.models.loading import decoder_layers
 
     assert not any(layer._forward_pre_hooks for layer in decoder_layers(offloaded))
 
@@ -375,11 +375,11 @@ import numpy as np
 import torch
 sys.path.insert(0, {tests!r})
 from tiny import tiny_model
-from actpat.distributed import init, Context, shutdown
-import actpat.similarity as S
-from actpat.similarity import pair_similarity
+from actpat.activation.distributed import init, Ranks, shutdown
+import actpat.analysis.similarity as S
+from actpat.analysis.similarity import pair_similarity
 
-ctx = init(Context.from_env(), "cpu")
+ctx = init(Ranks.from_env(), "cpu")
 batches = []
 orig = S.score_batch
 def counting(model, ids, *a, **k):

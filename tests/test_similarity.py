@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from actpat.models import LoadedModel
-from actpat.profile import Profile, compute_profile
-from actpat.similarity import (cosine, dataset_similarity, group_similarity, pair_similarity,
+from actpat.models.loading import LoadedModel
+from actpat.activation.profiling import Profile, compute_profile
+from actpat.analysis.similarity import (cosine, dataset_similarity, group_similarity, pair_similarity,
                                profile_layer_similarity, relate_bands)
 from helpers import CharTok, PadTok, fail
 from reference import abs_cosine, autograd_activations, layer_cosines, matrix_cosines
@@ -96,7 +96,7 @@ def test_group_similarity_equals_pairwise():
 def test_memory_flat_in_pairs(monkeypatch):
     """What the sink holds while scoring (B x B Gram matrices per layer and per matrix type)
     does not grow with the number of pairs: 2, 6 and 12 pairs, 2 pairs per batch."""
-    import actpat.similarity as S
+    import actpat.analysis.similarity as S
 
     real_add, held = S.GramSink.add, []
 
@@ -155,7 +155,8 @@ def test_relate_command(tmp_path, capsys):
 
 
 def test_similarity_run_within_cross_and_all(tmp_path):
-    from actpat.commands.similarity import similarity_run, write_outputs
+    from actpat.analysis.similarity import similarity_run
+    from actpat.outputs.artifacts import write_similarity
 
     files = []
     for k in range(3):
@@ -176,7 +177,7 @@ def test_similarity_run_within_cross_and_all(tmp_path):
     # the joint pass gives the same within-domain numbers as the one-dataset run
     np.testing.assert_allclose(three["comparisons"][0]["per_pair"],
                                one["comparisons"][0]["per_pair"], atol=1e-6)
-    write_outputs(three, tmp_path / "run")
+    write_similarity(three, tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "similarity.json").read_text())
     assert saved["num_layers"] == 2
     assert set(saved["matrix_types"]) == {"q", "k", "v", "o", "gate", "up", "down"}
@@ -187,7 +188,7 @@ def test_similarity_end_to_end_smollm2(tmp_path, smollm2, data_dir):
     """`actpat similarity` on SmolLM2 with local boolq x c4: each pair's per-layer similarity
     equals the cosine of plain-autograd activations of the two samples, scored one at a time."""
     from actpat.cli import main
-    from actpat.data import sample_sequences
+    from actpat.data.datasets import sample_sequences
 
     out = tmp_path / "run"
     rc = main(["similarity", "--model", "smollm2-135m", "--dataset", "boolq", "--dataset", "c4",

@@ -8,8 +8,8 @@ import torch
 from scipy import stats
 
 from actpat.errors import UserError
-from actpat.models import LoadedModel
-from actpat.sts import (bootstrap_ci, bootstrap_indices, correlate, hidden_state_similarity,
+from actpat.models.loading import LoadedModel
+from actpat.analysis.sts import (bootstrap_ci, bootstrap_indices, correlate, hidden_state_similarity,
                         load_pairs, spearman, sts_bands, sts_statistics)
 from tiny import tiny_model
 

@@ -53,7 +53,7 @@ def corpus_dir(tmp_path):
 
 
 def test_window_bos_detects_the_tokenizer_rule():
-    from actpat.data import window_bos
+    from actpat.data.datasets import window_bos
 
     assert window_bos(bos_tokenizer()) == BOS
     assert window_bos(char_tokenizer()) is None  # adds no BOS: today's plain windows
@@ -76,7 +76,7 @@ def reference_ppl(model, stream: list[int], seq_len: int, bos: int | None, limit
 
 @pytest.mark.parametrize("make_tok, bos", [(bos_tokenizer, BOS), (char_tokenizer, None)])
 def test_perplexity_windows_follow_the_bos_rule(corpus_dir, make_tok, bos):
-    from actpat.evaluation import load_corpus, perplexity
+    from actpat.evaluation.evaluate import load_corpus, perplexity
 
     tok = make_tok()
     model = tiny_model("llama").eval()
@@ -91,7 +91,7 @@ def test_perplexity_windows_follow_the_bos_rule(corpus_dir, make_tok, bos):
 
 def test_bos_and_plain_windows_give_different_perplexities(corpus_dir):
     """The rule matters: the same model scores BOS windows and plain windows differently."""
-    from actpat.evaluation import load_corpus, perplexity
+    from actpat.evaluation.evaluate import load_corpus, perplexity
 
     model = tiny_model("llama").eval()
     with_bos = perplexity(model, load_corpus(bos_tokenizer(), "wikitext2", str(corpus_dir)), 16, 5)
@@ -105,7 +105,7 @@ def is_run(seq: list[int], stream: list[int]) -> bool:
 
 @pytest.mark.parametrize("dataset", ["c4", "wikitext2"])
 def test_corpus_profile_windows_begin_with_bos(corpus_dir, dataset):
-    from actpat.data import load_records, sample_sequences
+    from actpat.data.datasets import load_records, sample_sequences
 
     tok = bos_tokenizer()
     s = sample_sequences(tok, dataset, 4, 24, seed=1, data_dir=str(corpus_dir))
@@ -121,7 +121,7 @@ def test_corpus_profile_windows_begin_with_bos(corpus_dir, dataset):
 
 
 def test_qa_calibration_windows_begin_with_bos(tmp_path):
-    from actpat.calibration import calibration_sequences
+    from actpat.data.calibration import calibration_sequences
 
     d = tmp_path / "data" / "boolq"
     d.mkdir(parents=True)

@@ -1,16 +1,17 @@
-"""actpat allocate: layer-wise sparsities S_i for a target S (METHOD.md section 4)."""
+"""actpat allocate: layer-wise sparsities S_i for a target S (docs/method.md section 4)."""
 
 from __future__ import annotations
 
-from ..cli import add_common
+from .common import add_common
 from ..errors import UserError
 
-HELP = "compute per-layer sparsities (uniform, activation, owl, alphapruning) for a target S"
+HELP = "compute per-layer sparsities (an allocator: uniform, activation, owl, ...) for a target S"
 
 
 def add_allocation_arguments(p, method_flag: str = "--method", default: str = "uniform") -> None:
-    """Options shared by `allocate` and `prune`: the allocator and what it needs."""
-    from ..allocation import ALLOCATORS
+    """Options shared by `allocate` and `prune`: the allocator and what it needs, read from the
+    allocator registry (one flag per allocator option; the counts flags when one needs counts)."""
+    from ..sparsity.allocation import ALLOCATORS
 
     p.add_argument(method_flag, default=default, choices=sorted(ALLOCATORS),
                    help=f"layer-wise allocation (default {default})")
@@ -21,13 +22,28 @@ def add_allocation_arguments(p, method_flag: str = "--method", default: str = "u
     g.add_argument("--gamma", type=float, default=None, help="activation: absolute threshold")
     g.add_argument("--gamma-quantile", type=float, default=None,
                    help="activation: share of weights counted as activated (default 0.1)")
-    p.add_argument("--alpha", type=float, default=2.0, help="activation: sigmoid shift (2)")
-    p.add_argument("--beta", type=float, default=0.2, help="activation: spread (0.2)")
-    p.add_argument("--owl-m", type=float, default=5.0, help="owl: outlier multiple M (5)")
-    p.add_argument("--owl-lambda", type=float, default=0.08, help="owl: lambda (0.08)")
-    p.add_argument("--eps", type=float, default=0.3, help="alphapruning: epsilon (0.3)")
+    seen = set()
+    for entry in ALLOCATORS.values():
+        for o in entry.options:
+            if o.name not in seen:
+                seen.add(o.name)
+                p.add_argument("--" + o.name.replace("_", "-"), type=float, default=o.default,
+                               help=o.help)
     p.add_argument("--profile-samples", type=int, default=64,
                    help="activation without --profile: calibration samples to profile (64)")
+
+
+def allocation_needs(args, method: str) -> set[str]:
+    """What the chosen allocator needs loaded: "model", "calibration" (counts without --profile
+    are profiled on the calibration data)."""
+    from ..sparsity.allocation import ALLOCATORS
+
+    needs = set(ALLOCATORS.get(method).needs)
+    if "counts" in needs and args.profile is None:
+        needs |= {"model", "calibration"}
+    if "calibration" in needs:
+        needs.add("model")
+    return needs
 
 
 def add_calibration_arguments(p) -> None:
@@ -42,7 +58,7 @@ def add_calibration_arguments(p) -> None:
 
 
 def load_calibration(args, lm):
-    from ..calibration import calibration_sequences
+    from ..data.calibration import calibration_sequences
 
     context = getattr(lm.model.config, "max_position_embeddings", None)
     if context and args.seq_len > context:
@@ -56,7 +72,7 @@ def load_calibration(args, lm):
 
 
 def calibration_split(args) -> str | None:
-    from ..data import get_spec, is_path
+    from ..data.datasets import get_spec, is_path
 
     split = args.calibration_split
     if not is_path(args.calibration) and get_spec(args.calibration).kind != "windows" \
@@ -67,7 +83,7 @@ def calibration_split(args) -> str | None:
 
 def require_calibration(args) -> None:
     """Fail before the model loads when the calibration data can be read from nowhere."""
-    from ..data import require_records
+    from ..data.datasets import require_records
 
     require_records(args.calibration, calibration_split(args), args.data_dir)
 
@@ -81,41 +97,14 @@ def calibration_info(args, samples) -> dict:
 
 def resolve_allocation(args, method: str, lm=None, samples=None) -> tuple[list[float], dict]:
     """(S_i, info) for the parsed options; ``lm``/``samples`` when a model is at hand."""
-    from ..allocation import activation_counts, allocate, check_sparsity
+    from ..sparsity.allocation import ALLOCATORS, allocation_with_record
 
-    sparsity = check_sparsity(args.sparsity)
-    info = {"method": method, "sparsity": sparsity}
-    kw = {}
-    if method == "activation":
-        info.update(alpha=args.alpha, beta=args.beta)
-        seqs = None if samples is None else samples.sequences[:args.profile_samples]
-        c, src = activation_counts(profile_dir=args.profile, lm=lm, calib_sequences=seqs,
-                                   gamma=args.gamma, gamma_quantile=args.gamma_quantile,
-                                   progress=not args.quiet)
-        info["counts"] = src
-        kw = {"counts": c.layer_counts, "layer_sizes": c.scored_per_layer}
-    elif method == "owl":
-        info.update(owl_m=args.owl_m, owl_lambda=args.owl_lambda)
-        kw = {"owl_m": args.owl_m, "owl_lambda": args.owl_lambda,
-              "batch_size": getattr(args, "batch_size", 8), "progress": not args.quiet}
-    elif method == "alphapruning":
-        info["eps"] = args.eps
-        kw = {"eps": args.eps}
-    if method in ("owl", "alphapruning") and lm is None:
-        raise UserError(f"the {method} allocation needs the model: give --model")
-    if method == "uniform" and lm is None and args.profile is None:
-        raise UserError("the uniform allocation needs the layer count: give --model or --profile")
-    if method == "uniform" and lm is None:
-        from ..profile import Profile
-
-        prof = Profile.load(args.profile)
-        kw = {"num_layers": prof.num_layers}
-    model = None if lm is None else lm.model
-    calib = None if samples is None else samples.sequences
-    s = allocate(method, sparsity, model=model, calib_inputs=calib, alpha=args.alpha,
-                 beta=args.beta, **kw)
-    info["layer_sparsities"] = s
-    return s, info
+    options = {o.name: getattr(args, o.name) for o in ALLOCATORS.get(method).options}
+    return allocation_with_record(
+        method, args.sparsity, lm=lm, calib_sequences=None if samples is None else samples.sequences,
+        profile_dir=args.profile, gamma=args.gamma, gamma_quantile=args.gamma_quantile,
+        options=options, profile_samples=args.profile_samples,
+        batch_size=getattr(args, "batch_size", 8), progress=not args.quiet)
 
 
 def add_arguments(p) -> None:
@@ -130,24 +119,24 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..allocation import check_sparsity
-    from ..profile import write_json
+    from ..runs import write_json
+    from ..sparsity.allocation import ALLOCATORS
+    from ..sparsity.masks import validate_sparsity
 
-    check_sparsity(args.sparsity)
+    validate_sparsity(args.sparsity)
     lm = samples = None
-    needs_model = args.method in ("owl", "alphapruning") or \
-        (args.method == "activation" and args.profile is None)
-    if needs_model and args.model is None:
+    needs = allocation_needs(args, args.method)
+    if "model" in needs and args.model is None:
         raise UserError(f"--method {args.method} needs --model"
-                        + (" (or --profile RUN)" if args.method == "activation" else ""))
+                        + (" (or --profile RUN)" if "counts" in ALLOCATORS.get(args.method).needs
+                           else ""))
     if args.model is not None:
-        from ..models import load_model
+        from ..models.loading import load_model
 
-        needs_calib = args.method == "owl" or (args.method == "activation" and args.profile is None)
-        if needs_calib:
+        if "calibration" in needs:
             require_calibration(args)
         lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
-        if needs_calib:
+        if "calibration" in needs:
             samples = load_calibration(args, lm)
     s, info = resolve_allocation(args, args.method, lm, samples)
     if samples is not None:
@@ -160,7 +149,7 @@ def run(args) -> int:
     if args.json:
         write_json(args.json, info)
     if args.plot:
-        from ..plots import plot_allocation
+        from ..outputs.plots import plot_allocation
 
         plot_allocation({args.method: s}, args.plot, title=f"S = {args.sparsity}")
     return 0

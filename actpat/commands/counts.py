@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..cli import add_common
+from .common import add_common
 
 HELP = "count activated weights per layer and matrix type in saved profiles (Figure 1)"
 
@@ -22,25 +22,20 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..plots import plot_layer_counts
-    from ..profile import Profile, counts, threshold, write_json
+    from ..outputs.plots import plot_layer_counts
+    from ..activation.profiling import Profile, counts, counts_one_gamma
+    from ..runs import write_json
 
     if args.gamma is None and args.gamma_quantile is None:
         args.gamma_quantile = 0.1
     profiles = [Profile.load(r) for r in args.runs]
     _check_same_model(args.runs, profiles)
-    gamma, rule = args.gamma, None
-    if args.gamma is None and not args.per_run_quantile:
-        # One absolute gamma for all runs, as in the paper: the quantile of the first run.
-        gamma, rule = threshold(profiles[0], gamma_quantile=args.gamma_quantile)
-        rule = f"{rule} of {args.runs[0]}"
+    if args.gamma is None and args.per_run_quantile:
+        all_counts = [counts(p, gamma_quantile=args.gamma_quantile) for p in profiles]
+    else:  # one gamma for all runs, as in the paper: absolute, or the quantile of the first run
+        all_counts = counts_one_gamma(profiles, list(args.runs), args.gamma, args.gamma_quantile)
     results = []
-    for run_dir, prof in zip(args.runs, profiles):
-        if gamma is None:
-            c = counts(prof, gamma_quantile=args.gamma_quantile)
-        else:
-            c = counts(prof, gamma=gamma)
-            c.gamma_rule = rule or c.gamma_rule
+    for run_dir, prof, c in zip(args.runs, profiles, all_counts):
         results.append({"run": run_dir, "dataset": prof.meta.get("dataset"),
                         "data_source": prof.meta.get("data_source"),
                         "samples": prof.meta.get("samples"), "seq_len": prof.meta.get("seq_len"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..cli import add_common
+from .common import add_common
 
 HELP = ("the paper's pipeline end to end (profiles, Figure 1, similarity, STS, allocation, "
         "Wanda 50%%, evaluation, HTML report); resumes")
@@ -21,7 +21,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..demo import STEPS, run_demo
+    from ..experiments.demo import STEPS, run_demo
     from ..errors import UserError
 
     only = None

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from ..cli import add_common
+from .common import add_common
 from ..errors import UserError
 
 HELP = "perplexity (wikitext2, c4) and zero-shot acc/acc_norm (boolq piqa siqa hellaswag mmlu)"
 
 
 def add_arguments(p) -> None:
-    from ..evaluation import ALL_TASKS
+    from ..evaluation.evaluate import ALL_TASKS
 
     p.add_argument("--model", required=True,
                    help="alias (smollm2-135m), .gguf path, hub id, or a directory (e.g. from "
@@ -25,9 +25,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..evaluation import evaluate, format_table, parse_tasks, require_tasks
-    from ..models import load_model
-    from ..profile import write_json
+    from ..evaluation.evaluate import evaluate, format_table, parse_tasks, require_tasks
+    from ..models.loading import load_model
+    from ..runs import write_json
 
     tasks = parse_tasks(args.tasks)
     if args.limit is not None and args.limit < 1:

@@ -1,10 +1,10 @@
-"""actpat profile: a dataset's mean activation map (METHOD.md section 1)."""
+"""actpat profile: a dataset's mean activation map (docs/method.md section 1)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..cli import add_common
+from .common import add_common
 from ..errors import UserError
 
 HELP = "score every weight on a dataset's samples and save the mean activation map"
@@ -41,12 +41,12 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..distributed import Context, launched
-    from ..memory import parse_batch_size, parse_size
+    from ..activation.distributed import Ranks, launched
+    from ..models.memory import parse_batch_size, parse_size
 
     if args.samples <= 0:
         raise UserError(f"--samples must be at least 1 (got {args.samples})")
-    from ..data import get_spec, is_path
+    from ..data.datasets import get_spec, is_path
 
     if not is_path(args.dataset):
         get_spec(args.dataset)  # an unknown name fails before the model is loaded
@@ -58,7 +58,7 @@ def run(args) -> int:
         if "=" in args.max_memory:
             raise UserError("per-device --max-memory lists need --device-map auto; give one size")
         budget = parse_size(args.max_memory)
-    if Context.from_env().enabled and args.device_map:
+    if Ranks.from_env().enabled and args.device_map:
         raise UserError("--device-map auto runs in one process; drop torchrun/accelerate launch "
                         "or --device-map")
     with launched(args.device) as (ctx, device):
@@ -66,22 +66,22 @@ def run(args) -> int:
 
 
 def _run(args, ctx, device, budget) -> int:
-    from ..distributed import barrier
-    from ..models import load_model
-    from ..profile import PROFILE_FILE, SUMMARY_FILE
+    from ..activation.distributed import barrier
+    from ..models.loading import load_model
+    from ..activation.profiling import PROFILE_FILE, SUMMARY_FILE
     from ..runs import prepare_out_dir
 
     if ctx.is_main:  # other ranks wait: rank 0 alone checks and creates --out
         prepare_out_dir(args.out, args.overwrite, owned=(PROFILE_FILE, SUMMARY_FILE, "checkpoint"))
     barrier(ctx)
     out = Path(args.out)
-    from ..data import require_records
+    from ..data.datasets import require_records
 
     require_records(args.dataset, args.split, args.data_dir)
     if args.device_map:
         import tempfile
 
-        from ..offload import load_dispatched
+        from ..models.offload import load_dispatched
 
         with tempfile.TemporaryDirectory(prefix="actpat-offload-") as offload_dir:
             lm = load_dispatched(args.model, args.dtype, args.max_memory, offload_dir,
@@ -92,56 +92,22 @@ def _run(args, ctx, device, budget) -> int:
 
 
 def _profile(args, ctx, lm, out, budget) -> int:
-    from ..checkpointing import Checkpointer, ProfileCache, cacheable, model_fingerprint, \
-        profile_key, reuse
-    from ..data import sample_sequences
-    from ..distributed import barrier, gather_objects
-    from ..profile import PROFILE_FILE, compute_profile, input_device
+    from ..activation.cache import profile_run
+    from ..activation.profiling import PROFILE_FILE
 
-    context = getattr(lm.model.config, "max_position_embeddings", None)
-    if context and args.seq_len > context:
-        raise UserError(f"--seq-len {args.seq_len} exceeds the model's context of {context} "
-                        "tokens; lower --seq-len")
-    samples = sample_sequences(lm.tokenizer, args.dataset, args.samples, args.seq_len, args.seed,
-                               args.split, args.data_dir, args.text_field, args.template)
-    meta = {"model": lm.identity, "dataset": args.dataset, "split": samples.split,
-            "data_source": samples.source, "seq_len": args.seq_len, "seed": args.seed,
-            "sample_indices": samples.indices, "window_start": samples.window_start,
-            "dtype": args.dtype,
-            "device": str(input_device(lm.model))}
-    if args.device_map:
-        meta["device_map"] = lm.identity.get("device_map")
-    fingerprint = model_fingerprint(lm.identity, lm.model.config)
-    key = profile_key(fingerprint, args.dataset, samples.split, samples.source, samples.indices,
-                      args.seq_len, args.objective, args.seed, args.dtype,
-                      {"text_field": args.text_field, "template": args.template})
-    meta.update(model_fingerprint=fingerprint, cache_key=key)
-    cache = ProfileCache()
-    hit = None
-    if not args.no_cache and cacheable(fingerprint):
-        hit = gather_objects(cache.lookup(key, prefer=out) if ctx.is_main else None, ctx)[0]
-    if hit is not None:
-        if ctx.is_main:
-            reuse(hit, out)
-            print(f"reused the cached profile of the same model, data, sampling and options "
-                  f"({hit}) -> {out}/{PROFILE_FILE}; --no-cache recomputes")
-        return 0
-    checkpoint = None
-    if args.checkpoint_every:
-        checkpoint = Checkpointer(out, args.checkpoint_every, key, ctx.rank, ctx.world_size)
-    profile = compute_profile(lm, samples.sequences, args.batch_size, args.objective, meta,
-                              progress=not args.quiet and ctx.is_main, checkpoint=checkpoint,
-                              dist=ctx, max_memory=budget)
-    if ctx.is_main:
-        profile.save(out)
-        if cacheable(fingerprint):
-            cache.remember(key, out)
-    barrier(ctx)
-    if checkpoint is not None:
-        checkpoint.clear()
+    run = profile_run(lm, args.dataset, out, samples=args.samples, seq_len=args.seq_len,
+                      seed=args.seed, split=args.split, data_dir=args.data_dir,
+                      text_field=args.text_field, template=args.template,
+                      objective=args.objective, batch_size=args.batch_size, dtype=args.dtype,
+                      use_cache=not args.no_cache, checkpoint_every=args.checkpoint_every,
+                      dist=ctx, max_memory=budget, progress=not args.quiet)
     if not ctx.is_main:
         return 0
-    m = profile.meta
+    if run.reused is not None:
+        print(f"reused the cached profile of the same model, data, sampling and options "
+              f"({run.reused}) -> {out}/{PROFILE_FILE}; --no-cache recomputes")
+        return 0
+    m = run.profile.meta
     print(f"profiled {m['samples']} samples ({m['tokens_scored']} tokens) of {args.dataset} "
-          f"[{samples.source}] in {m['wall_time_s']:.1f}s -> {out}/{PROFILE_FILE}")
+          f"[{run.samples.source}] in {m['wall_time_s']:.1f}s -> {out}/{PROFILE_FILE}")
     return 0

@@ -5,10 +5,11 @@ from __future__ import annotations
 import sys
 import time
 
-from ..cli import add_common
+from .common import add_common
 from ..errors import UserError
-from .allocate import (add_allocation_arguments, add_calibration_arguments, calibration_info,
-                       load_calibration, require_calibration, resolve_allocation)
+from .allocate import (add_allocation_arguments, add_calibration_arguments, allocation_needs,
+                       calibration_info, load_calibration, require_calibration,
+                       resolve_allocation)
 
 HELP = "prune a model (wanda, sparsegpt, magnitude; unstructured or N:M) and save it"
 
@@ -19,7 +20,7 @@ OWNED = ("config.json", "generation_config.json", "model.safetensors",
 
 
 def add_arguments(p) -> None:
-    from ..pruning import PRUNERS
+    from ..sparsity.pruners import PRUNERS
 
     p.add_argument("--model", required=True, help="alias (smollm2-135m), .gguf, directory, hub id")
     p.add_argument("--sparsity", type=float, required=True, help="target S in [0, 1)")
@@ -36,13 +37,14 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..allocation import check_sparsity
-    from ..models import load_model
-    from ..profile import versions
-    from ..pruning import get_pruner, parse_pattern, prune_model, save_pruned
+    from ..models.loading import load_model
+    from ..sparsity.layerwise import prune_model
+    from ..sparsity.pruners import get_pruner
+    from ..sparsity.masks import parse_pattern, validate_sparsity
+    from ..sparsity.saving import prune_record, save_pruned
     from ..runs import prepare_out_dir
 
-    check_sparsity(args.sparsity)
+    validate_sparsity(args.sparsity)
     pruner = get_pruner(args.pruner)
     nm = parse_pattern(args.pattern)
     if nm and args.allocation != "uniform":
@@ -54,8 +56,7 @@ def run(args) -> int:
     out = prepare_out_dir(args.save, args.overwrite, owned=OWNED)
     start = time.perf_counter()
     offload = getattr(args, "offload", "none") == "cpu"
-    needs_calib = pruner.stat is not None or args.allocation == "owl" or \
-        (args.allocation == "activation" and args.profile is None)
+    needs_calib = pruner.stat is not None or "calibration" in allocation_needs(args, args.allocation)
     if needs_calib:
         require_calibration(args)
     lm = load_model(args.model, "cpu" if offload else args.device, args.dtype,
@@ -63,8 +64,8 @@ def run(args) -> int:
     samples = load_calibration(args, lm) if needs_calib else None
     sparsities, alloc = resolve_allocation(args, args.allocation, lm, samples)
     if offload:
-        from ..models import resolve_device
-        from ..offload import prune_offloaded
+        from ..models.loading import resolve_device
+        from ..sparsity.layerwise import prune_offloaded
 
         report = prune_offloaded(lm.model, None if samples is None else samples.sequences,
                                  sparsities, args.pruner, args.pattern, args.batch_size,
@@ -73,19 +74,11 @@ def run(args) -> int:
         report = prune_model(lm.model, None if samples is None else samples.sequences,
                              sparsities, args.pruner, args.pattern, args.batch_size,
                              progress=not args.quiet)
-    record = {
-        "model": lm.identity, "pruner": args.pruner, "pattern": args.pattern,
-        "allocation": alloc, "target_sparsity": args.sparsity,
-        "layer_sparsities": [x["target"] for x in report["layers"]],
-        "achieved_sparsity": report["achieved_sparsity"],
-        "achieved_per_layer": [x["achieved"] for x in report["layers"]],
-        "calibration": None if samples is None else calibration_info(args, samples),
-        "seed": args.seed, "dtype": args.dtype, "batch_size": args.batch_size,
-        "offload": report.get("offload"),
-        "prune_seconds": report["seconds"], "total_seconds": None,
-        "matrices": report["matrices"], "versions": versions(),
-        "command": "actpat " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("actpat") else None,
-    }
+    record = prune_record(lm, args.pruner, args.pattern, alloc, args.sparsity, report,
+                          None if samples is None else calibration_info(args, samples),
+                          seed=args.seed, dtype=args.dtype, batch_size=args.batch_size,
+                          command="actpat " + " ".join(sys.argv[1:])
+                          if sys.argv[0].endswith("actpat") else None)
     record["total_seconds"] = round(time.perf_counter() - start, 3)
     save_pruned(lm.model, lm.tokenizer, out, record)
     print(f"pruned {args.model} with {args.pruner} ({args.pattern}, {args.allocation}): target "

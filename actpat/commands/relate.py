@@ -13,7 +13,7 @@ Bands: all, shallow (layers 1 .. 12/32 of depth), deep (16/32 of depth .. L), an
 
 from __future__ import annotations
 
-from ..cli import add_common
+from .common import add_common
 from ..errors import UserError
 
 HELP = "dataset x dataset similarity of saved activation profiles, per layer band (Figure 6)"
@@ -32,58 +32,16 @@ def add_arguments(p) -> None:
     add_common(p, model=False)
 
 
-def parse_layers(text: str, num_layers: int) -> tuple[int, int]:
-    try:
-        a, b = (int(x) for x in text.split(":"))
-    except ValueError:
-        raise UserError(f"--layers '{text}' is not A:B (two integers, e.g. 16:30)") from None
-    if not 0 <= a < b <= num_layers:
-        raise UserError(f"--layers {text} is outside the model's {num_layers} layers; "
-                        f"use A:B with 0 <= A < B <= {num_layers}")
-    return a, b
-
-
 def run(args) -> int:
-    from ..plots import plot_relatedness
-    from ..profile import Profile, write_json
-    from ..similarity import dataset_similarity, relate_bands
+    from ..analysis.similarity import relate_runs
+    from ..outputs.artifacts import write_relate
 
-    if len(args.runs) < 2:
-        raise UserError("give at least two profile runs to relate")
-    profiles = [Profile.load(r) for r in args.runs]
-    names = [str(p.meta.get("dataset") or r) for p, r in zip(profiles, args.runs)]
-    if len(set(names)) != len(names):
-        names = [f"{n} ({r})" for n, r in zip(names, args.runs)]
-    first = profiles[0]
-    for p, r in zip(profiles[1:], args.runs[1:]):
-        if list(p.maps) != list(first.maps):
-            raise UserError(f"{r} profiles a different model than {args.runs[0]}; relate runs "
-                            "of one model")
-    bands = relate_bands(first.num_layers)
-    if args.layers:
-        bands["custom"] = parse_layers(args.layers, first.num_layers)
+    result, m = relate_runs(args.runs, args.reference, args.layers)
     band = args.band or ("custom" if args.layers else "deep")
-    if band not in bands:
-        raise UserError(f"--band {band} is not one of {', '.join(bands)}")
-    reference = args.reference or ("c4" if "c4" in names else names[0])
-    if reference not in names:
-        raise UserError(f"--reference {reference} is not among the datasets ({', '.join(names)})")
-    m = dataset_similarity(profiles, names, bands)
-    result = {
-        "kind": "actpat-relate", "runs": list(args.runs), "datasets": names,
-        "num_layers": first.num_layers, "reference": reference,
-        "per_layer": m.per_layer.tolist(),
-        "bands": {b: {"start": s, "end": e, "matrix": m.band(b).tolist()}
-                  for b, (s, e) in bands.items()},
-        "ranking": {b: [list(x) for x in m.ranking(reference, b)] for b in bands},
-    }
-    _print(m, band, reference)
-    if args.json:
-        write_json(args.json, result)
-    if args.plot:
-        s, e = bands[band]
-        plot_relatedness(names, m.band(band), args.plot,
-                         title=f"Activation-pattern similarity, layers {s}-{e - 1} ({band})")
+    if band not in m.bands:
+        raise UserError(f"--band {band} is not one of {', '.join(m.bands)}")
+    _print(m, band, result["reference"])
+    write_relate(result, args.json, args.plot, band)
     return 0
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..cli import add_common
+from .common import add_common
 
 HELP = "write one self-contained HTML page (figures embedded) for run directories"
 
@@ -20,7 +20,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..report import write_report
+    from ..outputs.report.page import write_report
 
     q = args.gamma_quantile if args.gamma_quantile is not None else \
         (None if args.gamma is not None else 0.1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..cli import add_common
+from .common import add_common
 from ..errors import UserError
 
 HELP = "reproduce an experiment: fig1 | similarity | relatedness | table1 | calibration | sts"
@@ -83,7 +83,7 @@ def run(args) -> int:
     if args.experiment == "fig1":
         return _fig1(args)
     try:
-        from .. import experiments_similarity as sim
+        from ..experiments import similarity as sim
     except ImportError:
         raise UserError(f"`reproduce {args.experiment}` needs actpat.experiments_similarity, "
                         "which this installation lacks; use `actpat similarity|relate|sts`") \
@@ -95,7 +95,7 @@ def run(args) -> int:
                             "directories, e.g. from `actpat reproduce fig1`)")
         sim.reproduce_relatedness(args.runs, out)
         return 0
-    from ..models import load_model
+    from ..models.loading import load_model
 
     lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     if args.experiment == "similarity":
@@ -108,9 +108,10 @@ def run(args) -> int:
 
 
 def _pruning(args) -> int:
-    from ..evaluation import parse_tasks
-    from ..experiments import (ZERO_SHOT, Settings, calibration_configs, reproduce_calibration,
-                               reproduce_table1, table1_configs, write_calibration_summary)
+    from ..evaluation.evaluate import parse_tasks
+    from ..experiments.runner import reproduce_calibration, reproduce_table1
+    from ..experiments.tables import write_calibration_summary
+    from ..experiments.plan import ZERO_SHOT, Settings, calibration_configs, table1_configs
 
     for name in ("windows", "zero_shot_limit", "calibration_samples", "profile_samples",
                  "batch_size"):
@@ -129,7 +130,7 @@ def _pruning(args) -> int:
         else ZERO_SHOT
     if args.experiment == "table1":
         seeded = tuple(a.strip() for a in args.seeded_allocations.split(",") if a.strip())
-        from ..allocation import ALLOCATORS
+        from ..sparsity.allocation import ALLOCATORS
 
         bad = [a for a in seeded if a not in ALLOCATORS]
         if bad:
@@ -183,33 +184,15 @@ def _relatedness(path: str | None) -> dict | None:
 
 def _fig1(args) -> int:
     """Profiles of several datasets, their counts and Figure 1 (skips finished profiles)."""
-    from ..data import sample_sequences
-    from ..models import load_model
-    from ..plots import plot_layer_counts
-    from ..profile import PROFILE_FILE, Profile, compute_profile, counts, write_json
+    from ..experiments.fig1 import reproduce_fig1
 
     out = Path(args.out)
     datasets = [d.strip() for d in (args.datasets or FIG1_DATASETS).split(",") if d.strip()]
-    n = args.samples or 64
-    lm = None
-    results = []
-    for d in datasets:
-        run_dir = out / d
-        if not (run_dir / PROFILE_FILE).exists():
-            lm = lm or load_model(args.model, args.device, args.dtype, args.trust_remote_code)
-            s = sample_sequences(lm.tokenizer, d, n, args.seq_len, args.seed,
-                                 data_dir=args.data_dir)
-            meta = {"model": lm.identity, "dataset": d, "split": s.split,
-                    "data_source": s.source, "seq_len": args.seq_len, "seed": args.seed,
-                    "sample_indices": s.indices, "window_start": s.window_start}
-            compute_profile(lm, s.sequences, args.batch_size, meta=meta,
-                            progress=not args.quiet).save(run_dir)
-        prof = Profile.load(run_dir)
-        c = counts(prof, None, args.gamma_quantile)
-        results.append({"run": str(run_dir), "dataset": d,
-                        "data_source": prof.meta.get("data_source"), **c.to_json()})
-        print(f"{d:<10} profiled; gamma={c.gamma:.3g} ({c.gamma_rule})")
-    write_json(out / "counts.json", results)
-    plot_layer_counts(results, out / "fig1.png")
+    results = reproduce_fig1(args.model, out, datasets, args.samples or 64, args.seq_len,
+                             args.seed, args.batch_size, args.gamma_quantile, args.data_dir,
+                             args.device, args.dtype, args.trust_remote_code,
+                             progress=not args.quiet)
+    for r in results:
+        print(f"{r['dataset']:<10} profiled; gamma={r['gamma']:.3g} ({r['gamma_rule']})")
     print(f"counts: {out}/counts.json  figure: {out}/fig1.png")
     return 0

@@ -9,7 +9,7 @@ RUN/similarity_median.png.
 
 from __future__ import annotations
 
-from ..cli import add_common
+from .common import add_common
 from ..errors import UserError
 
 HELP = "per-layer similarity of activation patterns of sample pairs, within or across datasets"
@@ -34,7 +34,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..runs import run_pairs_command
+    from ..analysis.similarity import similarity_run
+    from .common import run_pairs_command
 
     if args.pairs <= 0:
         raise UserError(f"--pairs must be at least 1 (got {args.pairs})")
@@ -42,7 +43,7 @@ def run(args) -> int:
         raise UserError(f"--pairs-per-batch must be at least 1 (got {args.pairs_per_batch})")
     if len(set(args.dataset)) != len(args.dataset):
         raise UserError("a --dataset is given twice; for within-domain pairs give it once")
-    from ..data import require_records
+    from ..data.datasets import require_records
 
     for dataset in args.dataset:
         require_records(dataset, args.split, args.data_dir)
@@ -54,81 +55,10 @@ def run(args) -> int:
         write_outputs)
 
 
-def similarity_run(lm, datasets: list[str], pairs: int, seq_len: int, seed: int = 0,
-                   split: str | None = None, data_dir: str | None = None,
-                   objective: str = "max-logit", pairs_per_batch: int = 2,
-                   text_field: str = "text", template: str | None = None,
-                   progress: bool = True) -> dict:
-    """Sample, score and compare; returns the similarity.json object."""
-    import resource
-    import time
-
-    from ..data import sample_sequences
-    from ..profile import versions
-    from ..similarity import comparison_json, group_similarity, pair_similarity
-
-    context = getattr(lm.model.config, "max_position_embeddings", None)
-    if context and seq_len > context:
-        raise UserError(f"--seq-len {seq_len} exceeds the model's context of {context} tokens")
-    per_set = pairs if len(datasets) == 2 else 2 * pairs
-    samples = {d: sample_sequences(lm.tokenizer, d, per_set, seq_len, seed, split, data_dir,
-                                   text_field, template) for d in datasets}
-    start = time.perf_counter()
-    comparisons = []
-    if len(datasets) == 1:
-        (d, s), = samples.items()
-        sims = pair_similarity(lm, [(s.sequences[k], s.sequences[pairs + k]) for k in range(pairs)],
-                               pairs_per_batch, objective, progress, desc=f"{d} pairs")
-        idx = [(s.indices[k], s.indices[pairs + k]) for k in range(pairs)]
-        comparisons.append(comparison_json("within", d, d, sims, idx))
-        scored = sims.samples_scored
-    elif len(datasets) == 2:
-        (a, sa), (b, sb) = samples.items()
-        sims = pair_similarity(lm, list(zip(sa.sequences, sb.sequences)), pairs_per_batch,
-                               objective, progress, desc=f"{a} x {b} pairs")
-        comparisons.append(comparison_json("cross", a, b, sims, list(zip(sa.indices, sb.indices))))
-        scored = sims.samples_scored
-    else:
-        res = group_similarity(lm, {d: s.sequences for d, s in samples.items()}, objective,
-                               progress)
-        for d, sims in res.within.items():
-            ix = samples[d].indices
-            comparisons.append(comparison_json("within", d, d, sims,
-                                               [(ix[k], ix[pairs + k]) for k in range(pairs)]))
-        for (a, b), sims in res.cross.items():
-            comparisons.append(comparison_json("cross", a, b, sims, list(zip(
-                samples[a].indices[:pairs], samples[b].indices[:pairs]))))
-        scored = res.samples_scored
-    seconds = time.perf_counter() - start
-    first = comparisons[0]
-    return {
-        "kind": "actpat-similarity", "model": lm.identity, "objective": objective,
-        "seq_len": seq_len, "seed": seed, "pairs": pairs,
-        "num_layers": len(first["per_pair"][0]), "matrix_types": list(first["per_matrix"]),
-        "datasets": {d: {"source": s.source, "split": s.split, "sample_indices": s.indices,
-                         "window_start": s.window_start,
-                         "tokens": sum(len(x) for x in s.sequences)} for d, s in samples.items()},
-        "comparisons": comparisons,
-        "timing": {"seconds": round(seconds, 2), "samples_scored": scored,
-                   "seconds_per_pair_comparison": round(seconds / max(1, sum(
-                       len(c["per_pair"]) for c in comparisons)), 4),
-                   "seconds_per_sample": round(seconds / max(1, scored), 4),
-                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)},
-        "versions": versions(),
-    }
-
-
 def write_outputs(result: dict, out) -> None:
-    from pathlib import Path
+    from ..outputs.artifacts import write_similarity
 
-    from ..plots import plot_similarity_boxes, plot_similarity_medians
-    from ..profile import write_json
-
-    out = Path(out)
-    write_json(out / "similarity.json", result)
-    comps = result["comparisons"]
-    plot_similarity_boxes(comps[:4] if len(comps) > 4 else comps, out / "similarity_boxes.png")
-    plot_similarity_medians(comps, out / "similarity_median.png")
+    write_similarity(result, out)
     print_summary(result)
 
 

@@ -6,7 +6,7 @@ hidden-state baselines).
 
 from __future__ import annotations
 
-from ..cli import add_common
+from .common import add_common
 from ..errors import UserError
 
 HELP = "Spearman correlation of per-layer pattern similarity with STS-B/SICK scores, with baselines"
@@ -41,8 +41,8 @@ def parse_pair_fields(text: str | None) -> tuple[str, str, str] | None:
 
 
 def run(args) -> int:
-    from ..runs import run_pairs_command
-    from ..sts import load_pairs
+    from ..analysis.sts import load_pairs, sts_run
+    from .common import run_pairs_command
 
     fields = parse_pair_fields(args.pair_fields)
     if args.samples < 0:
@@ -60,29 +60,10 @@ def run(args) -> int:
         write_outputs)
 
 
-def sts_run(lm, pairs, max_tokens: int = 128, pairs_per_batch: int = 8,
-            objective: str = "max-logit", bootstrap: int = 1000, seed: int = 0,
-            progress: bool = True) -> dict:
-    from ..profile import versions
-    from ..sts import run_sts
-
-    result = run_sts(lm, pairs, max_tokens, pairs_per_batch, objective, bootstrap, seed,
-                     progress=progress)
-    result["model"] = lm.identity
-    result["seed"] = seed
-    result["versions"] = versions()
-    return result
-
-
 def write_outputs(result: dict, out) -> None:
-    from pathlib import Path
+    from ..outputs.artifacts import write_sts
 
-    from ..plots import plot_sts_layers
-    from ..profile import write_json
-
-    out = Path(out)
-    write_json(out / "sts.json", result)
-    plot_sts_layers(result, out / "sts_layers.png")
+    write_sts(result, out)
     print_summary(result)
 
 

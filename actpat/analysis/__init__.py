@@ -1,0 +1,1 @@
+"""Analyses of activation maps: pattern similarity, STS correlation, checks of the findings."""

@@ -1,0 +1,43 @@
+"""What the commands share: the common options and the frame of a pair-scoring command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_common(p: argparse.ArgumentParser, model: bool = True) -> None:
+    """Options every command shares (docs/architecture.md: the command-line contract)."""
+    p.add_argument("--data-dir", default=os.environ.get("ACTPAT_DATA_DIR"),
+                   help="folder with <dataset>/<split>.jsonl|.txt (default: $ACTPAT_DATA_DIR)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    if model:
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
+        p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+        p.add_argument("--trust-remote-code", action="store_true",
+                       help="allow a hub model's own code to run (off by default)")
+
+
+def run_pairs_command(args, owned: tuple[str, ...], compute, write) -> int:
+    """The frame of a command that scores pairs (``similarity``, ``sts``), on one or N ranks.
+
+    Under torchrun / accelerate launch every rank joins the process group and loads the model;
+    ``compute(lm, progress)`` shares the pairs out (``activation.distributed``) and returns the full
+    result on every rank; only rank 0 checks ``--out`` and calls ``write(result, out)``.
+    """
+    from ..activation.distributed import barrier, launched
+    from ..models.loading import load_model
+    from ..runs import prepare_out_dir
+
+    with launched(args.device) as (ctx, device):
+        if ctx.is_main:
+            prepare_out_dir(args.out, args.overwrite, owned=owned)
+        barrier(ctx)
+        lm = load_model(args.model, device, args.dtype, args.trust_remote_code)
+        result = compute(lm, not args.quiet and ctx.is_main)
+        if ctx.is_main:
+            result["world_size"] = ctx.world_size
+            write(result, args.out)
+        barrier(ctx)
+    return 0

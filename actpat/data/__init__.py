@@ -1,0 +1,1 @@
+"""Data: dataset registry, local-first loading, seeded sampling, calibration windows."""

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity over token windows and zero-shot tasks through lm-eval."""

@@ -1,0 +1,1 @@
+"""Outputs: JSON artifacts, figures and the HTML report."""

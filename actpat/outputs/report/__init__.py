@@ -1,0 +1,1 @@
+"""The HTML report: discover artifacts, render sections, assemble one page."""
