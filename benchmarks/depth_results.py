@@ -181,7 +181,7 @@ def plot(out: Path, png: str, drops: list[int]) -> None:
 
     sc = json.loads((out / "scores.json").read_text())
     se = json.loads((out / "search.json").read_text())
-    from actpat.depth import lowest_layers
+    from actpat.sparsity.depth import lowest_layers
 
     n = len(sc["activation"])
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True,
