@@ -29,12 +29,12 @@ artifacts the matching command writes (``outputs.artifacts``).
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from ..hub import prepare_hub
 
 STATE_FILE = "demo.json"
 OWNED = (STATE_FILE, "profiles", "figure1.png", "counts.json", "relate", "similarity", "sts",
@@ -115,20 +115,6 @@ class DemoContext:
 # --------------------------------------------------------------------------- data source
 
 
-def hub_reachable(timeout: float = 5.0) -> bool:
-    """True when the Hugging Face hub answers (and offline mode is not forced)."""
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes")
-           for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-        return False
-    try:
-        from huggingface_hub import HfApi
-
-        HfApi().dataset_info("google/boolq", timeout=timeout)
-        return True
-    except Exception:  # no network, proxy, rate limit: all mean "use something else"
-        return False
-
-
 def choose_data(data_dir: str | None) -> tuple[str, str | None, str]:
     """(mode, data_dir, sentence saying which) for the local dir, the hub, or the probes."""
     if data_dir:
@@ -136,7 +122,7 @@ def choose_data(data_dir: str | None) -> tuple[str, str | None, str]:
             raise UserError(f"data dir {data_dir} does not exist; fix --data-dir / "
                             "ACTPAT_DATA_DIR or unset it")
         return "local", str(data_dir), f"data: local benchmark subsets in {data_dir}"
-    if hub_reachable():
+    if prepare_hub():  # one probe; when it fails the hub libraries go offline for this run
         return "hub", None, "data: the Hugging Face hub (no --data-dir / ACTPAT_DATA_DIR given)"
     return "probes", None, ("data: built-in probe texts (no local data dir and the hub is "
                             "unreachable); pruning and perplexity run as a smoke run on packaged "
