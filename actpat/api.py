@@ -141,13 +141,13 @@ def prune(model, tokenizer=None, calibration_texts: Sequence[str] | None = None,
 
 def perplexity(model, tokenizer=None, texts: Sequence[str] = (), seq_len: int = 256,
                batch_size: int = 4) -> float:
-    """Perplexity over non-overlapping windows of ``seq_len`` tokens of the joined ``texts``."""
-    from .evaluation.evaluate import Corpus, perplexity as _perplexity
+    """Perplexity over non-overlapping windows of ``seq_len`` tokens of the joined ``texts``
+    (BOS-led windows when the tokenizer adds BOS, as ``actpat eval`` does)."""
+    from .evaluation.evaluate import perplexity as _perplexity, text_corpus
 
     lm = as_loaded(model, tokenizer)
-    text = "\n\n".join(_texts(texts, "texts"))
-    ids = lm.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    corpus = Corpus("texts", ids.long(), "in-memory texts")
+    corpus = text_corpus(lm.tokenizer, "texts", "\n\n".join(_texts(texts, "texts")),
+                         "in-memory texts")
     return float(_perplexity(lm.model, corpus, seq_len, batch_size=batch_size)["ppl"])
 
 

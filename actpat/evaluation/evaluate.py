@@ -79,9 +79,14 @@ def load_corpus(tokenizer, dataset: str, data_dir: str | None = None) -> Corpus:
         raise UserError(f"'{dataset}' is not a perplexity corpus; use one of "
                         f"{', '.join(PERPLEXITY_SPLITS)}")
     text, source = corpus_text(dataset, PERPLEXITY_SPLITS[dataset], data_dir)
+    return text_corpus(tokenizer, dataset, text, f"{source} ({PERPLEXITY_SPLITS[dataset]})")
+
+
+def text_corpus(tokenizer, name: str, text: str, source: str) -> Corpus:
+    """Any text as a perplexity corpus: tokenized once without special tokens; its windows follow
+    the tokenizer's BOS rule (``actpat.data.datasets.window_bos``)."""
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    return Corpus(dataset, ids.long(), f"{source} ({PERPLEXITY_SPLITS[dataset]})",
-                  window_bos(tokenizer))
+    return Corpus(name, ids.long(), source, window_bos(tokenizer))
 
 
 @torch.inference_mode()

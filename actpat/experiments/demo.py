@@ -365,16 +365,15 @@ def step_eval(ctx: DemoContext) -> str | None:
 def _smoke_eval(ctx: DemoContext, out: Path) -> str:
     """Perplexity of the dense and pruned models on the packaged held-out prose."""
     from ..data.calibration import packaged_text
-    from ..evaluation.evaluate import Corpus, perplexity
+    from ..evaluation.evaluate import perplexity, text_corpus
     from ..models.loading import load_model
     from ..runs import versions, write_json
 
     rows = []
     for name, model in _eval_models(ctx).items():
         lm = ctx.load() if name == "dense" else load_model(model, ctx.device)
-        ids = lm.tokenizer(packaged_text(HELDOUT), add_special_tokens=False,
-                           return_tensors="pt")["input_ids"][0].long()
-        corpus = Corpus(HELDOUT, ids, f"packaged text probes/{HELDOUT}.txt")
+        corpus = text_corpus(lm.tokenizer, HELDOUT, packaged_text(HELDOUT),
+                             f"package:probes/{HELDOUT}.txt")
         r = perplexity(lm.model, corpus, ctx.sizes.ppl_seq_len, ctx.sizes.eval_limit)
         rows.append({"model": name, "sparsity": 0.0 if name == "dense" else ctx.sizes.sparsity,
                      **r})
