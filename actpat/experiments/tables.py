@@ -14,22 +14,28 @@ from .plan import CALIBRATION_METRICS, CONFIG_DIR, PPL, ZERO_SHOT, Config
 def write_summary(out: str | Path) -> None:
     """The run directory's results so far, every configuration in it: ``OUT/results.json`` (the
     records), ``OUT/table.md`` (``table_markdown``) and ``OUT/sparsities.png`` (S_i per layer
-    of each allocator, seed 0, one line per allocator and sparsity)."""
-    from ..outputs.plots import plot_allocation
+    of each allocator, seed 0: one panel per sparsity, one line per allocator)."""
+    from ..outputs.plots import plot_allocation_panels
 
     out = Path(out)
     results = load_results(out)
     write_json(out / "results.json", results)
     (out / "table.md").write_text(table_markdown(results) + "\n")
-    curves = {}
+    panels = allocation_panels(results)
+    if panels:
+        plot_allocation_panels(panels, out / "sparsities.png",
+                               "Layer-wise sparsity S_i (calibration seed 0)")
+
+
+def allocation_panels(results: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """``{"S = 0.5": {allocator: S_i}}`` of the seed-0 unstructured prunes, by sparsity."""
+    panels: dict[float, dict[str, list[float]]] = {}
     for rec in results:
         c = rec["config"]
         alloc = (rec.get("allocation") or {}).get("sparsities")
         if c["pruner"] and c["seed"] == 0 and c["pattern"] == "unstructured" and alloc:
-            curves.setdefault(f"{c['allocation']} {c['sparsity']:g}", alloc)
-    if curves:
-        plot_allocation(dict(sorted(curves.items(), key=lambda kv: kv[0].split()[::-1])),
-                        out / "sparsities.png", "Layer-wise sparsity S_i (calibration seed 0)")
+            panels.setdefault(c["sparsity"], {}).setdefault(c["allocation"], alloc)
+    return {f"S = {s:g}": dict(sorted(curves.items())) for s, curves in sorted(panels.items())}
 
 
 def load_results(out: str | Path) -> list[dict]:

@@ -153,15 +153,21 @@ def plot_relatedness(names: list[str], matrix, path, title: str | None = None) -
 
 
 def plot_band_heatmaps(names: list[str], matrices: dict, path) -> None:
-    """One annotated dataset x dataset heatmap per band (title -> matrix), side by side."""
+    """One annotated dataset x dataset heatmap per band (title -> matrix), side by side on one
+    colour scale; only the first panel carries the row labels, so none overprints its neighbour."""
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(matrices), figsize=(4.2 * len(matrices), 3.9), squeeze=False)
-    for ax, (title, m) in zip(axes[0], matrices.items()):
+    fig, axes = plt.subplots(1, len(matrices), figsize=(1.2 + 3.4 * len(matrices), 3.9),
+                             squeeze=False, sharey=True, constrained_layout=True)
+    low = min(0.5, min(float(np.min(m)) for m in matrices.values()))
+    for k, (ax, (title, m)) in enumerate(zip(axes[0], matrices.items())):
         m = np.asarray(m, dtype=float)
-        im = ax.imshow(m, vmin=min(0.5, float(m.min())), vmax=1.0, cmap="viridis")
+        im = ax.imshow(m, vmin=low, vmax=1.0, cmap="viridis")
         ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-        ax.set_yticks(range(len(names)), names, fontsize=7)
+        if k == 0:
+            ax.set_yticks(range(len(names)), names, fontsize=7)
+        else:
+            ax.tick_params(labelleft=False)
         ax.set_title(title, fontsize=9)
         for i in range(len(names)):
             for j in range(len(names)):
@@ -207,6 +213,30 @@ def plot_allocation(allocations: dict[str, list[float]], path, title: str | None
     for name, s in (achieved or {}).items():
         ax.plot(range(len(s)), s, ls="--", lw=1, label=name)
     _finish_layer_plot(fig, ax, path, "sparsity S_i", title or "Layer-wise sparsity per allocator")
+
+
+def plot_allocation_panels(panels: dict[str, dict[str, list[float]]], path,
+                           title: str | None = None) -> None:
+    """Small multiples: one panel per target sparsity (title -> {allocator: S_i}), one colour per
+    allocator in every panel, the legend outside the data and each panel's target as a line."""
+    names = sorted({name for curves in panels.values() for name in curves})
+    colour = {name: plt.get_cmap("tab10")(k % 10) for k, name in enumerate(names)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1.6, 3.4),
+                             sharey=True, squeeze=False)
+    for ax, (label, curves) in zip(axes[0], panels.items()):
+        for name, s in curves.items():
+            ax.plot(range(len(s)), s, marker="o", ms=2.5, lw=1.2, color=colour[name], label=name)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("decoder layer")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("sparsity S_i")
+    handles = [plt.Line2D([], [], color=colour[n], marker="o", ms=3, lw=1.2) for n in names]
+    fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
+               frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path, tight=False)
 
 
 def plot_calibration(spec: dict, path, title: str | None = None) -> None:
