@@ -430,6 +430,13 @@ def _eval_size(v: dict) -> str:
     return ""
 
 
+def _with_error(p: float, n) -> str | float:
+    """An accuracy with its binomial standard error, ``0.340 ± 0.067``, when n is known."""
+    if not isinstance(n, int) or n < 1:
+        return p
+    return f"{p:.3f} ± {(p * (1 - p) / n) ** 0.5:.3f}"
+
+
 def eval_sections(arts: list[Artifact]) -> list[Section]:
     """One table, a row per evaluated model and a column per (task, metric), then the sizes."""
     columns: list[tuple[str, str]] = []
@@ -438,14 +445,14 @@ def eval_sections(arts: list[Artifact]) -> list[Section]:
         label = a.path.stem if a.path.parent.name == "eval" else \
             f"{a.path.parent.name}/{a.path.stem}"
         values = {}
+        src = a.data.get("results") if isinstance(a.data.get("results"), dict) else a.data
         for task, m, v in _eval_rows(a.data):
             if (task, m) not in columns:
                 columns.append((task, m))
-            values[(task, m)] = v
+            values[(task, m)] = _with_error(v, src[task].get("n")) if m.startswith("acc") else v
         if not values:
             continue
         rows.append((label, values))
-        src = a.data.get("results") if isinstance(a.data.get("results"), dict) else a.data
         for task, v in src.items():
             if isinstance(v, dict) and task not in sizes:
                 sizes[task] = (_eval_size(v), v.get("source"))
@@ -458,8 +465,10 @@ def eval_sections(arts: list[Artifact]) -> list[Section]:
     body += "<p>Sizes and data:</p>" + _table(
         ["task", "size", "source"], [[t, sz, src] for t, (sz, src) in sizes.items()])
     body += ('<p class="note">acc: argmax of summed log-likelihood per choice; acc_norm: '
-             "normalised by the choice's length (lm-evaluation-harness); perplexity over "
-             "non-overlapping windows.</p>")
+             "normalised by the choice's length (lm-evaluation-harness); ± one standard error "
+             "sqrt(p (1 − p) / n), n per task above: two models whose accuracies differ by less "
+             "than about two standard errors are not told apart. Perplexity over "
+             "non-overlapping windows (windows × tokens above).</p>")
     return [Section("evaluation", "Evaluation: perplexity and zero-shot accuracy", body,
                     [str(a.path) for a in arts])]
 
