@@ -328,3 +328,85 @@ def test_choose_layers_records_why():
                 dict(score="block-influence"), dict(score="random", activation=counts)):
         with pytest.raises(UserError):
             choose_layers(model, 1, **bad)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _tiny_dir(path, layers=4):
+    from tinylm import char_tokenizer
+
+    model = deep_tiny("llama", layers=layers)
+    model.config.eos_token_id = model.config.pad_token_id = 1
+    model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return model
+
+
+def test_cli_drop_layers_only(tmp_path, any_data):
+    from transformers import AutoModelForCausalLM
+
+    from actpat.cli import main
+    from actpat.data.calibration import calibration_sequences
+    from actpat.sparsity.saving import load_record
+    from tinylm import char_tokenizer
+
+    dense = _tiny_dir(tmp_path / "tiny")
+    out = tmp_path / "short"
+    rc = main(["prune", "--model", str(tmp_path / "tiny"), "--sparsity", "0",
+               "--drop-layers", "1", "--layer-score", "block-influence", "--calibration", "c4",
+               "--calibration-samples", "3", "--seq-len", "24", "--save", str(out),
+               "--data-dir", any_data, "--quiet", "--device", "cpu"])
+    assert rc == 0
+    calib = calibration_sequences(char_tokenizer(), "c4", 3, 24, 0, "train", any_data)
+    bi = block_influence(dense, calib.sequences)
+    rec = load_record(out)
+    assert rec["depth"]["block_influence"] == pytest.approx(bi, abs=1e-6)
+    assert rec["depth"]["removed"] == lowest_layers(bi, 1)
+    assert rec["pruner"] == "none" and rec["achieved_sparsity"] == 0.0
+    assert len(rec["layer_sparsities"]) == 3
+    back = AutoModelForCausalLM.from_pretrained(out).eval()
+    remove_layers(dense, rec["depth"]["removed"])
+    ids = torch.tensor(calib.sequences[:1])
+    with torch.no_grad():
+        assert torch.allclose(back(input_ids=ids).logits, dense(input_ids=ids).logits,
+                              atol=1e-6)
+
+
+def test_cli_search_then_wanda_on_the_kept_layers(tmp_path, any_data, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from actpat.cli import main
+    from actpat.models.loading import scored_matrices
+    from actpat.sparsity.saving import load_record
+    from helpers import fail
+
+    _tiny_dir(tmp_path / "tiny")
+    out = tmp_path / "both"
+    common = ["prune", "--model", str(tmp_path / "tiny"), "--calibration", "c4",
+              "--calibration-samples", "3", "--seq-len", "24", "--data-dir", any_data,
+              "--quiet", "--device", "cpu"]
+    rc = main(common + ["--sparsity", "0.5", "--pruner", "wanda", "--allocation", "activation",
+                        "--drop-layers", "2", "--layer-score", "search", "--search-samples", "2",
+                        "--search-width", "2", "--save", str(out)])
+    assert rc == 0
+    rec = load_record(out)
+    depth = rec["depth"]
+    assert len(depth["removed"]) == 2 and depth["num_layers_after"] == 2
+    assert depth["search"]["evaluations"] == 4 and depth["search_windows"]["samples"] == 2
+    assert not set(depth["search_windows"]["indices"]) & set(rec["calibration"]["indices"])
+    counts = depth["activation_counts"]
+    assert rec["allocation"]["counts"]["from"].startswith("the dense model's profile")
+    assert len(rec["layer_sparsities"]) == 2
+    # the activation allocation of the kept layers: fewer activated weights, higher S_i
+    kept = depth["kept"]
+    s = rec["layer_sparsities"]
+    assert (s[0] > s[1]) == (counts[kept[0]] < counts[kept[1]])
+    assert rec["achieved_sparsity"] == pytest.approx(0.5, abs=0.02)
+    back = AutoModelForCausalLM.from_pretrained(out)
+    assert back.config.num_hidden_layers == 2
+    zeros = [float((m.weight == 0).float().mean()) for m in scored_matrices(back)]
+    assert sum(zeros) / len(zeros) == pytest.approx(0.5, abs=0.05)
+    bad = common + ["--sparsity", "0", "--save", str(tmp_path / "x")]
+    assert "--drop-layers between 0 and 3" in fail(capsys, *bad, "--drop-layers", "4")
+    assert "--drop-layers must be >= 0" in fail(capsys, *bad, "--drop-layers", "-1")
