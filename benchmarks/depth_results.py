@@ -41,9 +41,12 @@ def main() -> None:
                         "models for the speed bench), dense (the dense model's perplexity), "
                         "wanda (perplexity of Wanda at the equivalent sparsity)")
     p.add_argument("--plot", default=None, help="only draw the scores figure (PNG) from --out")
+    p.add_argument("--table", action="store_true", help="only print the perplexity table")
     args = p.parse_args()
     if args.plot:
         return plot(Path(args.out), args.plot, [int(x) for x in args.drops.split(",")])
+    if args.table:
+        return print(table(Path(args.out), [int(x) for x in args.drops.split(",")]))
     steps = set(args.steps.split(","))
     torch.set_num_threads(1)
 
@@ -169,6 +172,34 @@ def main() -> None:
                               progress=False)
             return {"sparsity": s, "achieved": rep["achieved_sparsity"], "ppl": ppl(model)}
         step(f"wanda-uniform-{s}", wanda)
+
+
+def table(out: Path, drops: list[int]) -> str:
+    """Markdown rows of the perplexities found under ``out`` (missing rows are left out)."""
+    def row(name, label, removed="-", params="-"):
+        path = out / f"{name}.json"
+        if not path.exists():
+            return None
+        r = json.loads(path.read_text())
+        ppl = r["ppl"]
+        return (f"| {label} | {removed} | {params} | {ppl['wikitext2']['ppl']:.2f} | "
+                f"{ppl['c4']['ppl']:.2f} | {ppl['c4']['windows']} |")
+
+    lines = ["| model | layers removed | weights removed | wikitext2 ppl | c4 ppl | windows |",
+             "| --- | --- | --- | ---: | ---: | ---: |", row("dense", "dense (30 layers)")]
+    for k in drops:
+        for score in ("activation", "block-influence", "search"):
+            path = out / f"depth-{score}-{k}.json"
+            if path.exists():
+                r = json.loads(path.read_text())
+                lines.append(row(f"depth-{score}-{k}", f"{score}, {k} of 30 layers",
+                                 ", ".join(map(str, r["removed"])),
+                                 f"{r['equivalent_sparsity']:.1%} of decoder weights"))
+    for f in sorted(out.glob("wanda-uniform-*.json")):
+        r = json.loads(f.read_text())
+        lines.append(row(f.stem, f"Wanda uniform, unstructured {r['sparsity']:.1%}",
+                         params=f"{r['achieved']:.1%} of decoder weights"))
+    return "\n".join(x for x in lines if x)
 
 
 def plot(out: Path, png: str, drops: list[int]) -> None:
