@@ -42,9 +42,12 @@ def main() -> None:
                         "wanda (perplexity of Wanda at the equivalent sparsity)")
     p.add_argument("--plot", default=None, help="only draw the scores figure (PNG) from --out")
     p.add_argument("--table", action="store_true", help="only print the perplexity table")
+    p.add_argument("--collect", default=None, help="only gather every step's JSON into this file")
     args = p.parse_args()
     if args.plot:
         return plot(Path(args.out), args.plot, [int(x) for x in args.drops.split(",")])
+    if args.collect:
+        return collect(Path(args.out), args.collect, args.data_dir)
     if args.table:
         return print(table(Path(args.out), [int(x) for x in args.drops.split(",")]))
     steps = set(args.steps.split(","))
@@ -200,6 +203,21 @@ def table(out: Path, drops: list[int]) -> str:
         lines.append(row(f.stem, f"Wanda uniform, unstructured {r['sparsity']:.1%}",
                          params=f"{r['achieved']:.1%} of decoder weights"))
     return "\n".join(x for x in lines if x)
+
+
+def collect(out: Path, dest: str, data_dir: str | None) -> None:
+    """Every step's JSON (and the bench's, when present) in one file; local data paths are
+    written as $ACTPAT_DATA_DIR, other absolute paths by their last component."""
+    import os
+    import re
+
+    found = {f.stem: json.loads(f.read_text()) for f in sorted(out.glob("*.json"))}
+    text = json.dumps(found, indent=1)
+    root = data_dir or os.environ.get("ACTPAT_DATA_DIR")
+    if root:
+        text = text.replace(str(Path(root).resolve()), "$ACTPAT_DATA_DIR")
+    text = re.sub(r'"/[^"]*/([^"/]+)"', r'"\1"', text)
+    Path(dest).write_text(text + "\n")
 
 
 def plot(out: Path, png: str, drops: list[int]) -> None:
