@@ -179,16 +179,24 @@ def main() -> None:
 
 def table(out: Path, drops: list[int]) -> str:
     """Markdown rows of the perplexities found under ``out`` (missing rows are left out)."""
+    dense = out / "dense.json"
+    base = json.loads(dense.read_text())["ppl"] if dense.exists() else None
+
     def row(name, label, removed="-", params="-"):
         path = out / f"{name}.json"
         if not path.exists():
             return None
-        r = json.loads(path.read_text())
-        ppl = r["ppl"]
-        return (f"| {label} | {removed} | {params} | {ppl['wikitext2']['ppl']:.2f} | "
-                f"{ppl['c4']['ppl']:.2f} | {ppl['c4']['windows']} |")
+        ppl = json.loads(path.read_text())["ppl"]
+        cells = []
+        for corpus in ("wikitext2", "c4"):
+            v = ppl[corpus]["ppl"]
+            ratio = f" ({v / base[corpus]['ppl']:.2f}×)" if base and v < 1e5 else ""
+            cells.append(f"{v:.2f}{ratio}" if v < 1e5 else f"{v:.3g}")
+        return (f"| {label} | {removed} | {params} | {cells[0]} | {cells[1]} | "
+                f"{ppl['c4']['windows']} |")
 
-    lines = ["| model | layers removed | weights removed | wikitext2 ppl | c4 ppl | windows |",
+    lines = ["| model | layers removed | weights removed | wikitext2 ppl (× dense) | "
+             "c4 ppl (× dense) | windows |",
              "| --- | --- | --- | ---: | ---: | ---: |", row("dense", "dense (30 layers)")]
     for k in drops:
         for score in ("activation", "block-influence", "search"):
