@@ -222,4 +222,5 @@ def test_damaged_cache_entry_is_rebuilt_not_reused(tmp_path, monkeypatch):
     assert open(weights, "rb").read() == good  # rebuilt whole, same bytes
     from safetensors.torch import load_file
 
-    assert torch.isfinite(load_file(weights)["model.embed_tokens.weight"]).all()
+    tensors = load_file(weights)
+    assert len(tensors) > 30 and all(torch.isfinite(t).all() for t in tensors.values())
