@@ -39,13 +39,13 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from actpat.allocation import fix_mean, model_layer_sizes
-    from actpat.allocation_search import SearchSettings, search_allocation
-    from actpat.allocators_2025 import atp_allocation, dlp_allocation
-    from actpat.calibration import calibration_sequences
-    from actpat.evaluation import evaluate
-    from actpat.models import load_model
-    from actpat.pruning import prune_model
+    from actpat.data.calibration import calibration_sequences
+    from actpat.evaluation.evaluate import evaluate
+    from actpat.models.loading import load_model
+    from actpat.sparsity.allocation import fix_mean, model_layer_sizes
+    from actpat.sparsity.allocation_search import SearchSettings, search_allocation
+    from actpat.sparsity.allocators_2025 import atp_allocation, dlp_allocation
+    from actpat.sparsity.layerwise import prune_model
 
     table1 = {r["name"]: r for r in json.loads(Path(args.table1).read_text())}
     counts = table1["wanda-activation-0.5-c4-s0"]["allocation"]["counts"]["counts"]
@@ -77,7 +77,8 @@ def main() -> None:
             s = dlp_allocation(sparsity, model=lm.model, calib_inputs=calib, batch_size=4,
                                info=info)
         else:
-            settings = SearchSettings() if args.budget is None else SearchSettings(budget=args.budget)
+            settings = SearchSettings() if args.budget is None else \
+                SearchSettings(budget=args.budget)
             s = search_allocation(sparsity, model=lm.model, calib_inputs=calib, held_inputs=held,
                                   counts=counts, layer_sizes=sizes, batch_size=4, info=info,
                                   search=settings, search_state=out / f"{name}.search.json",

@@ -24,9 +24,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from actpat.allocation_search import MaskScorer
-    from actpat.calibration import calibration_sequences
-    from actpat.models import load_model
+    from actpat.data.calibration import calibration_sequences
+    from actpat.models.loading import load_model
+    from actpat.sparsity.allocation_search import MaskScorer
 
     def rss() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

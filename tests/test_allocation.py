@@ -151,7 +151,8 @@ def test_every_allocator_against_its_formula(sparsity):
     sizes = model_layer_sizes(model)
     assert sizes[0] == sizes[1] == sum(m.weight.numel() for n, (i, _, m) in
                                        linear_modules(model).items() if i == 0)
-    kw = dict(model=model, calib_inputs=calib(), layer_sizes=sizes, alpha=2.0, beta=0.9)
+    kw = dict(model=model, calib_inputs=calib(), layer_sizes=sizes, alpha=2.0, beta=0.9,
+              held_inputs=calib(2, 16, seed=5), atp_step=0.1, search_budget=3)
     for method in sorted(ALLOCATORS):
         raw = ALLOCATORS[method].fn(sparsity, counts=[300, 40], **kw)
         assert len(raw) == 2

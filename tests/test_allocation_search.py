@@ -7,10 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from actpat.sparsity import allocation
-from actpat.sparsity.allocation_search import (MAX_SPARSITY, MaskScorer, SearchSettings, evolve,
-                                      pair_move)
 from actpat.errors import UserError
+from actpat.sparsity.allocation_search import MaskScorer, SearchSettings, evolve, pair_move
 from actpat.sparsity.layerwise import prune_model
 from helpers import calib
 from tiny import ARCHS, tiny_model
@@ -18,10 +16,6 @@ from tiny import ARCHS, tiny_model
 
 def weighted(values, sizes):
     return float(np.dot(values, sizes) / np.sum(sizes))
-
-
-def test_cap_is_the_allocators_cap():
-    assert MAX_SPARSITY == allocation.MAX_SPARSITY
 
 
 def test_pair_move_by_hand_keeps_the_weighted_mean():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from actpat.sparsity.allocation import MAX_SPARSITY, fix_mean, owl_formula
-from actpat.sparsity.allocators_2025 import (atp_grid, atp_grid_search, atp_max_beta, atp_schedule,
-                                    dlp_formula, layer_median_scores)
+from actpat.sparsity.allocators_2025 import (atp_grid, atp_grid_search, atp_max_beta,
+                                             atp_schedule, dlp_formula, layer_median_scores)
 from actpat.errors import UserError
 from helpers import calib
 from reference import linear_modules, out_in
@@ -129,7 +129,8 @@ def test_dlp_medians_against_plain_forwards():
     mods = linear_modules(model)
     hooks = [module.register_forward_hook(
         lambda mod, inp, out, name=name: inputs.setdefault(name, []).append(
-            inp[0].detach().reshape(-1, inp[0].shape[-1]))) for name, (_, _, module) in mods.items()]
+            inp[0].detach().reshape(-1, inp[0].shape[-1])))
+        for name, (_, _, module) in mods.items()]
     with torch.no_grad():
         model(torch.tensor(seqs))
     for h in hooks:

@@ -39,6 +39,8 @@ def allocation_needs(args, method: str) -> set[str]:
     from ..sparsity.allocation import ALLOCATORS
 
     needs = set(ALLOCATORS.get(method).needs)
+    if "held" in needs:
+        needs |= {"model", "calibration"}
     if "counts" in needs and args.profile is None:
         needs |= {"model", "calibration"}
     if "calibration" in needs:
@@ -57,7 +59,18 @@ def add_calibration_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=8)
 
 
-def load_calibration(args, lm):
+def held_count(args, method: str) -> int:
+    """How many held-apart calibration windows the allocator ``method`` needs (0: none)."""
+    from ..sparsity.allocation import ALLOCATORS
+
+    if "held" not in ALLOCATORS.get(method).needs:
+        return 0
+    if args.held_windows < 1:
+        raise UserError(f"--held-windows must be at least 1 (got {args.held_windows:g})")
+    return int(args.held_windows)
+
+
+def load_calibration(args, lm, held: int = 0):
     from ..data.calibration import calibration_sequences
 
     context = getattr(lm.model.config, "max_position_embeddings", None)
@@ -66,7 +79,7 @@ def load_calibration(args, lm):
                         "tokens; lower --seq-len")
     if args.batch_size <= 0:
         raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
-    return calibration_sequences(lm.tokenizer, args.calibration, args.calibration_samples,
+    return calibration_sequences(lm.tokenizer, args.calibration, args.calibration_samples + held,
                                  args.seq_len, args.seed, calibration_split(args),
                                  args.data_dir, args.exclude_first)
 
@@ -95,16 +108,24 @@ def calibration_info(args, samples) -> dict:
             "exclude_first": args.exclude_first, "indices": samples.indices}
 
 
-def resolve_allocation(args, method: str, lm=None, samples=None) -> tuple[list[float], dict]:
-    """(S_i, info) for the parsed options; ``lm``/``samples`` when a model is at hand."""
+def resolve_allocation(args, method: str, lm=None, samples=None,
+                       held=None) -> tuple[list[float], dict]:
+    """(S_i, info) for the parsed options; ``lm``/``samples`` when a model is at hand;
+    ``held``: the held-apart calibration windows (``split_held``) when the allocator needs them."""
     from ..sparsity.allocation import ALLOCATORS, allocation_with_record
 
     options = {o.name: getattr(args, o.name) for o in ALLOCATORS.get(method).options}
-    return allocation_with_record(
-        method, args.sparsity, lm=lm, calib_sequences=None if samples is None else samples.sequences,
+    s, info = allocation_with_record(
+        method, args.sparsity, lm=lm,
+        calib_sequences=None if samples is None else samples.sequences,
         profile_dir=args.profile, gamma=args.gamma, gamma_quantile=args.gamma_quantile,
         options=options, profile_samples=args.profile_samples,
-        batch_size=getattr(args, "batch_size", 8), progress=not args.quiet)
+        batch_size=getattr(args, "batch_size", 8), progress=not args.quiet,
+        held_sequences=None if held is None else held.sequences)
+    if held is not None:
+        info["held_windows"] = {"dataset": held.dataset, "split": held.split,
+                                "samples": len(held.sequences), "indices": held.indices}
+    return s, info
 
 
 def add_arguments(p) -> None:
@@ -121,6 +142,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ..runs import write_json
     from ..sparsity.allocation import ALLOCATORS
+    from ..sparsity.allocation_search import split_held
     from ..sparsity.masks import validate_sparsity
 
     validate_sparsity(args.sparsity)
@@ -137,8 +159,9 @@ def run(args) -> int:
             require_calibration(args)
         lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
         if "calibration" in needs:
-            samples = load_calibration(args, lm)
-    s, info = resolve_allocation(args, args.method, lm, samples)
+            samples = load_calibration(args, lm, held_count(args, args.method))
+    samples, held = split_held(samples, held_count(args, args.method))
+    s, info = resolve_allocation(args, args.method, lm, samples, held)
     if samples is not None:
         info["calibration"] = calibration_info(args, samples)
     info["seed"] = args.seed  # every output records its seed

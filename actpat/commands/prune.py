@@ -10,7 +10,7 @@ import time
 from .common import add_common
 from ..errors import UserError
 from .allocate import (add_allocation_arguments, add_calibration_arguments, allocation_needs,
-                       calibration_info, load_calibration, require_calibration,
+                       calibration_info, held_count, load_calibration, require_calibration,
                        resolve_allocation)
 
 HELP = ("prune a model (wanda, sparsegpt, magnitude; unstructured or N:M; whole decoder layers "
@@ -50,12 +50,12 @@ def add_depth_arguments(p) -> None:
                    help="which layers go: activation (fewest activated weights N_i, from "
                         "--profile or the calibration data), block-influence (ShortGPT), "
                         "search (greedy, seeded with the activation ranking)")
-    p.add_argument("--search-samples", type=int, default=16,
+    p.add_argument("--layer-search-samples", type=int, default=16,
                    help="search: held-apart calibration windows scoring each trial, drawn after "
                         "the --calibration-samples ones (16)")
-    p.add_argument("--search-width", type=int, default=4,
+    p.add_argument("--layer-search-width", type=int, default=4,
                    help="search: candidates tried per removed layer (4)")
-    p.add_argument("--search-objective", default="kl", choices=SEARCH_OBJECTIVES,
+    p.add_argument("--layer-search-objective", default="kl", choices=SEARCH_OBJECTIVES,
                    help="search: KL to the dense model (kl, default) or perplexity (ppl)")
 
 
@@ -89,7 +89,8 @@ def _remove_layers(args, lm, samples, held_apart) -> tuple[dict, object]:
         lm.model, args.drop_layers, args.layer_score,
         activation=None if counts is None else counts.layer_counts,
         calibration=None if samples is None else samples.sequences, held_apart=held_apart,
-        width=args.search_width, objective=args.search_objective, batch_size=args.batch_size,
+        width=args.layer_search_width, objective=args.layer_search_objective,
+        batch_size=args.batch_size,
         progress=not args.quiet)
     if source is not None:
         why["counts_source"] = {k: v for k, v in source.items() if k != "counts"}
@@ -129,8 +130,8 @@ def run(args) -> int:
                         f"{args.sparsity}; pass --sparsity {nm[0] / nm[1]:g}")
     if args.drop_layers < 0:
         raise UserError(f"--drop-layers must be >= 0 (got {args.drop_layers})")
-    if args.drop_layers and args.layer_score == "search" and args.search_samples < 1:
-        raise UserError("--layer-score search needs --search-samples of at least 1")
+    if args.drop_layers and args.layer_score == "search" and args.layer_search_samples < 1:
+        raise UserError("--layer-score search needs --layer-search-samples of at least 1")
     out = prepare_out_dir(args.save, args.overwrite, owned=OWNED)
     start = time.perf_counter()
     offload = getattr(args, "offload", "none") == "cpu"
@@ -142,12 +143,17 @@ def run(args) -> int:
         require_calibration(args)
     lm = load_model(args.model, "cpu" if offload else args.device, args.dtype,
                     args.trust_remote_code)
-    samples = held_apart = None
+    samples = held_apart = alloc_held = None
     if needs_calib:
+        from ..sparsity.allocation_search import split_held
+
         searching = args.drop_layers and args.layer_score == "search"
-        extra = args.search_samples if searching else 0
+        extra = args.layer_search_samples if searching else 0
+        held = held_count(args, args.allocation) if prunes else 0
         samples = load_calibration(argparse.Namespace(
-            **dict(vars(args), calibration_samples=args.calibration_samples + extra)), lm)
+            **dict(vars(args), calibration_samples=args.calibration_samples + extra)), lm, held)
+        # the allocator's held-apart windows are the last of the draw; they never prune
+        samples, alloc_held = split_held(samples, held)
         if extra:  # the same draw, so the search's windows are other documents / offsets
             held_apart = samples.sequences[args.calibration_samples:]
             held_indices = samples.indices[args.calibration_samples:]
@@ -161,7 +167,7 @@ def run(args) -> int:
     if depth and counts is not None and "counts" in ALLOCATORS.get(args.allocation).needs:
         sparsities, alloc = _kept_allocation(args, counts, depth["kept"])
     else:
-        sparsities, alloc = resolve_allocation(args, args.allocation, lm, samples)
+        sparsities, alloc = resolve_allocation(args, args.allocation, lm, samples, alloc_held)
     pruner_name = args.pruner if prunes else "magnitude"  # S = 0: nothing to score
     if offload:
         from ..models.loading import resolve_device

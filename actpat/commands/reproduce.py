@@ -34,6 +34,9 @@ def add_arguments(p) -> None:
     g.add_argument("--calibration-seq-len", type=int, default=256)
     g.add_argument("--sparsities", default="0.5,0.6,0.7")
     g.add_argument("--seeds", default="0,1,2", help="table1: calibration seeds of Wanda rows")
+    g.add_argument("--allocations", default="uniform,activation,owl,alphapruning",
+                   help="table1: the Wanda allocations compared at every sparsity (default "
+                        "uniform,activation,owl,alphapruning; add atp,dlp,search)")
     g.add_argument("--seeded-allocations", default="uniform,activation",
                    help="table1: the Wanda allocations run with every --seeds (default "
                         "uniform,activation)")
@@ -130,14 +133,17 @@ def _pruning(args) -> int:
         else ZERO_SHOT
     if args.experiment == "table1":
         seeded = tuple(a.strip() for a in args.seeded_allocations.split(",") if a.strip())
+        allocations = tuple(a.strip() for a in args.allocations.split(",") if a.strip())
         from ..sparsity.allocation import ALLOCATORS
 
-        bad = [a for a in seeded if a not in ALLOCATORS]
-        if bad:
-            raise UserError(f"--seeded-allocations: unknown allocation '{bad[0]}'; use some of "
-                            f"{','.join(ALLOCATORS)}")
+        for flag, names in (("seeded-allocations", seeded), ("allocations", allocations)):
+            bad = [a for a in names if a not in ALLOCATORS]
+            if bad:
+                raise UserError(f"--{flag}: unknown allocation '{bad[0]}'; use some of "
+                                f"{','.join(ALLOCATORS)}")
         plan = table1_configs(sparsities, _ints(args.seeds, "seeds"),
-                              zero_shot=not args.no_zero_shot, tasks=tasks, seeded=seeded)
+                              zero_shot=not args.no_zero_shot, tasks=tasks, seeded=seeded,
+                              allocations=allocations)
     else:
         datasets = (args.datasets or "boolq,mmlu,siqa,hellaswag,c4").split(",")
         plan = calibration_configs(tuple(d.strip() for d in datasets if d.strip()),

@@ -40,13 +40,13 @@ def _load(settings: Settings):
     return load_model(settings.model, settings.device, settings.dtype)
 
 
-def _calibration(lm, settings: Settings, cfg: Config):
+def _calibration(lm, settings: Settings, cfg: Config, held: int = 0):
     from ..data.calibration import DEFAULT_EXCLUDE_FIRST, calibration_sequences
 
     split = CALIBRATION_SPLITS.get(cfg.calibration)  # never the evaluated split of a corpus
     # QA sets: the evaluated items (the first zero_shot_limit) never calibrate
     held_out = max(DEFAULT_EXCLUDE_FIRST, settings.zero_shot_limit)
-    return calibration_sequences(lm.tokenizer, cfg.calibration, settings.calib_samples,
+    return calibration_sequences(lm.tokenizer, cfg.calibration, settings.calib_samples + held,
                                  settings.calib_seq_len, cfg.seed, split=split,
                                  data_dir=settings.data_dir, exclude_first=held_out)
 
@@ -79,8 +79,11 @@ def _activation_counts(ctx: PlanState, lm):
     return ctx.counts
 
 
-def layer_sparsities(ctx: PlanState, lm, cfg: Config, calib) -> tuple[list[float], dict]:
-    """S_i for ``cfg`` and what they were computed from."""
+def layer_sparsities(ctx: PlanState, lm, cfg: Config, calib,
+                     held=None) -> tuple[list[float], dict]:
+    """S_i for ``cfg`` and what they were computed from (``held``: held-apart calibration
+    windows, for allocators that need them; a resumable search keeps its state in
+    ``<out>/allocation-state/<name>.json``)."""
     from ..models.loading import decoder_layers
     from ..sparsity.allocation import ALLOCATORS, allocate
 
@@ -97,13 +100,20 @@ def layer_sparsities(ctx: PlanState, lm, cfg: Config, calib) -> tuple[list[float
     if "calibration" in needs:
         kwargs["calib_inputs"] = calib.sequences
         kwargs["batch_size"] = ctx.settings.batch_size
-    return allocate(cfg.allocation, cfg.sparsity, **kwargs), info
+    if "held" in needs:
+        state = ctx.out / "allocation-state"
+        state.mkdir(parents=True, exist_ok=True)
+        kwargs.update(held_inputs=held.sequences, search_state=state / f"{cfg.name}.json")
+        info["held_windows"] = {"dataset": held.dataset, "split": held.split,
+                                "samples": len(held.sequences), "indices": held.indices}
+    return allocate(cfg.allocation, cfg.sparsity, info=info, **kwargs), info
 
 
 def run_config(ctx: PlanState, cfg: Config) -> dict:
     """Prune a fresh model as ``cfg`` says, evaluate it, return the result record."""
     from ..runs import versions
     from ..sparsity.allocation import ALLOCATORS
+    from ..sparsity.allocation_search import DEFAULT_HELD, split_held
     from ..sparsity.layerwise import prune_model
     from ..sparsity.pruners import get_pruner
 
@@ -114,13 +124,15 @@ def run_config(ctx: PlanState, cfg: Config) -> dict:
     if cfg.pruner is not None:
         need_calib = get_pruner(cfg.pruner).stat is not None or \
             bool(ALLOCATORS.get(cfg.allocation).needs & {"counts", "calibration"})
-        calib = _calibration(lm, s, cfg) if need_calib else None
+        held_n = DEFAULT_HELD if "held" in ALLOCATORS.get(cfg.allocation).needs else 0
+        calib = _calibration(lm, s, cfg, held_n) if need_calib else None
+        calib, held = split_held(calib, held_n)
         if calib is not None:
             record["calibration"] = {"dataset": cfg.calibration, "source": calib.source,
                                      "samples": len(calib.sequences),
                                      "seq_len": s.calib_seq_len, "seed": cfg.seed,
                                      "window_start": calib.window_start}
-        sparsities, info = layer_sparsities(ctx, lm, cfg, calib)
+        sparsities, info = layer_sparsities(ctx, lm, cfg, calib, held)
         report = prune_model(lm.model, None if calib is None else calib.sequences, sparsities,
                              cfg.pruner, cfg.pattern, batch_size=s.batch_size,
                              progress=s.progress)

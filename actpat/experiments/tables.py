@@ -181,7 +181,9 @@ def table_markdown(results: list[dict], tasks_ppl=PPL, tasks_zs=ZERO_SHOT) -> st
     """Markdown tables: perplexity rows, then zero-shot rows (only rows that have them)."""
     rows = summarize(results)
     order = {"dense": 0, "magnitude": 1, "wanda": 2, "sparsegpt": 3}
-    alloc = {"-": 0, "uniform": 1, "activation": 2, "owl": 3, "alphapruning": 4}
+    from ..sparsity.allocation import ALLOCATORS
+
+    alloc = {"-": 0, **{name: i + 1 for i, name in enumerate(ALLOCATORS)}}
     rows.sort(key=lambda r: (r["level"] if r["level"] != "-" else "", order.get(r["pruner"], 9),
                              alloc.get(r["allocation"], 9), r["calibration"]))
     lines = []

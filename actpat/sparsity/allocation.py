@@ -60,7 +60,8 @@ class Allocator:
 
     ``needs``: what the allocator reads besides S: ``"counts"`` (activated-weight counts N_i,
     from a profile), ``"model"`` (the weights), ``"calibration"`` (token sequences; implies the
-    model). The command line loads exactly what ``needs`` names and records ``options``.
+    model), ``"held"`` (held-apart calibration windows that score candidates: ``atp``,
+    ``search``). The command line loads exactly what ``needs`` names and records ``options``.
     """
 
     name: str
@@ -345,12 +346,15 @@ def activation_counts(*, profile_dir=None, lm=None, calib_sequences=None, gamma=
 def allocation_with_record(method: str, sparsity: float, *, lm=None, calib_sequences=None,
                            profile_dir=None, gamma=None, gamma_quantile=None,
                            options: dict | None = None, profile_samples: int = 64,
-                           batch_size: int = 8, progress: bool = False) -> tuple[list[float], dict]:
+                           batch_size: int = 8, progress: bool = False, held_sequences=None,
+                           state_path=None) -> tuple[list[float], dict]:
     """(S_i, the record ``actpat allocate --json`` writes) for allocator ``method``.
 
     ``lm``: the loaded model when at hand; ``calib_sequences``: calibration windows (the first
     ``profile_samples`` are profiled for counts when no ``profile_dir`` is given); ``options``:
-    the allocator's options (defaults for the missing ones).
+    the allocator's options (defaults for the missing ones); ``held_sequences``: held-apart
+    calibration windows (allocators that need ``"held"``); ``state_path``: where a resumable
+    allocator (``search``) keeps its state. The allocator may add what it chose to the record.
     """
     entry = ALLOCATORS.get(method)
     sparsity = validate_sparsity(sparsity)
@@ -365,6 +369,11 @@ def allocation_with_record(method: str, sparsity: float, *, lm=None, calib_seque
         kw.update(counts=c.layer_counts, layer_sizes=c.scored_per_layer)
     if "calibration" in entry.needs:
         kw.update(batch_size=batch_size, progress=progress)
+    if "held" in entry.needs:
+        if not held_sequences:
+            raise UserError(f"the {method} allocation needs held-apart calibration windows: "
+                            "give --held-windows of at least 1")
+        kw.update(held_inputs=held_sequences, search_state=state_path)
     if entry.needs & {"model", "calibration"} and lm is None:
         raise UserError(f"the {method} allocation needs the model: give --model")
     if not entry.needs and lm is None and profile_dir is None:
@@ -375,6 +384,10 @@ def allocation_with_record(method: str, sparsity: float, *, lm=None, calib_seque
 
         kw["num_layers"] = Profile.load(profile_dir).num_layers
     s = allocate(method, sparsity, model=None if lm is None else lm.model,
-                 calib_inputs=calib_sequences, **kw)
+                 calib_inputs=calib_sequences, info=info, **kw)
     info["layer_sparsities"] = s
     return s, info
+
+
+# the 2025 allocators and the search register themselves (they import from this module)
+from . import allocation_search, allocators_2025  # noqa: E402,F401

@@ -1,6 +1,6 @@
 """Activation-guided search over layer sparsities, scored on held-apart calibration windows.
 
-The ``search`` allocator starts from the paper's activation allocation (METHOD.md section 4)
+The ``search`` allocator starts from the paper's activation allocation (docs/method.md section 4)
 and improves it by an EvoPress-style (1 + lambda) evolutionary search (Sieberling et al.,
 "EvoPress: Towards Optimal Dynamic Model Compression via Evolutionary Search", arXiv
 2410.14649): each generation makes ``offspring`` children of the incumbent, each by 1 to
@@ -53,11 +53,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from .allocation import MAX_SPARSITY, Option, register_allocator
 
 DEFAULT_BUDGET = 64  # scored candidates: about 10 min of one CPU core for SmolLM2 (see its doc)
 DEFAULT_STEP = 0.02
 DEFAULT_HELD = 8  # held-apart calibration windows that score a candidate
-MAX_SPARSITY = 0.999  # as actpat.allocation.MAX_SPARSITY (kept equal by a test)
+HELD_OPTION = Option("held_windows", DEFAULT_HELD, "atp, search: held-apart calibration "
+                     "windows, drawn after the pruning ones, that score a candidate (8)")
 
 
 @dataclass
@@ -279,7 +281,8 @@ class MaskScorer:
                     order = torch.sort(scores, dim=1, stable=True).indices
                     cols = scores.shape[1]
                     rank = torch.empty_like(order)
-                    rank.scatter_(1, order, torch.arange(cols, device=order.device).expand_as(order))
+                    positions = torch.arange(cols, device=order.device).expand_as(order)
+                    rank.scatter_(1, order, positions)
                     self.ranks[m.name] = rank.to(torch.int16 if cols < 32768 else torch.int32)
                 self._apply_layer(i, float(reference[i]))
                 if i + 1 < len(layers):
@@ -343,11 +346,34 @@ class MaskScorer:
         return False
 
 
+def split_held(samples, held: int):
+    """(pruning windows, held-apart windows) of a calibration draw made ``held`` windows
+    longer: its last ``held`` windows (c4: other documents than the pruning ones) score an
+    allocator's candidates and never calibrate the pruning. (samples, None) when held is 0."""
+    from dataclasses import replace
+
+    if not held or samples is None:
+        return samples, None
+    n = len(samples.sequences) - held
+    return (replace(samples, sequences=samples.sequences[:n], indices=samples.indices[:n]),
+            replace(samples, sequences=samples.sequences[n:], indices=samples.indices[n:]))
+
+
 # --------------------------------------------------------------------------- the allocator
 
 
+@register_allocator("search", needs=("counts", "model", "calibration", "held"), options=(
+    Option("alpha", 2.0, "activation: sigmoid shift (2)"),
+    Option("beta", 0.2, "activation: spread (0.2)"),
+    Option("search_budget", DEFAULT_BUDGET, "search: scored candidates (64: about 10 min of "
+           "one core for SmolLM2)"),
+    Option("search_step", DEFAULT_STEP, "search: sparsity one pair move shifts (0.02)"),
+    Option("search_seed", 0, "search: seed of the moves (0)"),
+    HELD_OPTION))
 def search_allocation(sparsity, *, model=None, calib_inputs=None, held_inputs=None,
                       counts=None, layer_sizes=None, alpha: float = 2.0, beta: float = 0.2,
+                      search_budget: float = DEFAULT_BUDGET,
+                      search_step: float = DEFAULT_STEP, search_seed: float = 0,
                       search: SearchSettings | None = None, search_metric: str = "kl",
                       search_state: str | Path | None = None, batch_size: int = 8,
                       progress: bool = False, info: dict | None = None, log=None,
@@ -362,7 +388,8 @@ def search_allocation(sparsity, *, model=None, calib_inputs=None, held_inputs=No
     if model is None or calib_inputs is None or not held_inputs:
         raise UserError("the search allocation needs the model, calibration data and held-apart "
                         "calibration windows: give --model and --calibration")
-    settings = search or SearchSettings()
+    settings = search or SearchSettings(budget=int(round(search_budget)), step=float(search_step),
+                                        seed=int(round(search_seed)))
     start = fix_mean(activation_formula(counts, sparsity, alpha, beta), sparsity, layer_sizes,
                      cap=settings.hi)
     begin = time.perf_counter()

@@ -17,7 +17,7 @@
   keeping the beta of lowest loss (ties: the smaller beta). The authors' script scores each
   beta by WikiText-2 *test* perplexity, i.e. on the evaluation data; here the loss is always
   computed on held-apart calibration windows (``atp_grid_search`` takes any loss function;
-  ``actpat.allocation_search.MaskScorer`` is the one actpat uses).
+  ``actpat.sparsity.allocation_search.MaskScorer`` is the one actpat uses).
 * **DLP** (Chen et al., "DLP: Dynamic Layerwise Pruning in Large Language Models", ICML 2025,
   arXiv 2505.23807). A layer's *unimportance* u_i is the median of its Wanda scores
   |W_jk| * ||X_k||_2 (all scored matrices of the layer together; the median is robust to the
@@ -29,8 +29,9 @@
   score (least important, the paper's reading) are pruned most. alpha = 0.15 is the authors'
   default. The median is torch's (the lower of the two middle values for an even count).
 
-Both return S_i whose plain mean is S (equal sizes); ``actpat.allocation.allocate`` then applies
-``fix_mean`` (weighted mean S, bounds), which leaves a legal ATP schedule unchanged.
+Both return S_i whose plain mean is S (equal sizes); ``actpat.sparsity.allocation.allocate``
+then applies ``fix_mean`` (weighted mean S, bounds), which leaves a legal ATP schedule unchanged.
+Each is one registered allocator (``atp``, ``dlp``) at the end of this module.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .allocation import MAX_SPARSITY
+from .allocation import MAX_SPARSITY, Option, register_allocator
+from .allocation_search import HELD_OPTION
 from ..errors import UserError
 
 ATP_STEP = 0.002  # the authors' grid step (and first value) for beta
@@ -152,6 +154,9 @@ def layer_median_scores(model, calib_inputs, batch_size: int = 8,
 # --------------------------------------------------------------------------- allocator entries
 
 
+@register_allocator("atp", needs=("model", "calibration", "held"), options=(
+    Option("atp_step", ATP_STEP, "atp: grid step (and first value) of the slope beta (0.002)"),
+    HELD_OPTION))
 def atp_allocation(sparsity, *, model=None, calib_inputs=None, held_inputs=None,
                    layer_sizes=None, atp_step: float = ATP_STEP, batch_size: int = 8,
                    progress: bool = False, info: dict | None = None, **kw) -> list[float]:
@@ -173,6 +178,8 @@ def atp_allocation(sparsity, *, model=None, calib_inputs=None, held_inputs=None,
     return out["sparsities"]
 
 
+@register_allocator("dlp", needs=("model", "calibration"), options=(
+    Option("dlp_alpha", DLP_ALPHA, "dlp: half-width alpha of the sparsity range (0.15)"),))
 def dlp_allocation(sparsity, *, model=None, calib_inputs=None, dlp_alpha: float = DLP_ALPHA,
                    batch_size: int = 8, progress: bool = False, info: dict | None = None,
                    **kw) -> list[float]:
