@@ -23,6 +23,12 @@ is the target S (weights: the number of scored weights in each layer) and with e
   layer's matrices, mapped linearly onto [(1-eps)*S, (1+eps)*S] (largest alpha -> most
   sparsity) and rescaled by one factor so the parameter-weighted mean is S.
 
+* ``atp`` (Huang et al., ICML 2025) and ``dlp`` (Chen et al., ICML 2025): ``allocators_2025``
+  (a linear rise with depth whose slope is grid-searched on held-apart calibration windows;
+  importance from the median Wanda score of each layer).
+* ``search``: ``allocation_search``, the activation allocation improved by a seeded, budgeted,
+  resumable mean-preserving evolutionary search scored on held-apart calibration windows.
+
 After an allocator has produced its S_i, ``fix_mean`` enforces the invariants: a common factor
 brings the weighted mean to S, values are clipped into [0, MAX_SPARSITY] and the excess is
 redistributed over the unclipped layers (repeating until nothing moves).
