@@ -125,9 +125,9 @@ def work(tmp_path_factory) -> Path:
 
 
 def load(spec: str):
-    from actpat.models import load_model
+    import actpat
 
-    return load_model(spec, device="cpu", dtype="float32")
+    return actpat.load_model(spec, dtype="float32", device="cpu")
 
 
 class Dense:
@@ -305,7 +305,7 @@ def batched_errors(lm, seqs, ref, ref_values, bs) -> dict[str, float]:
     """actpat's batched metric (right-padded batches of ``bs``, its mean accumulator, limited
     to the reference's matrices through the sink's ``wants``) against the reference sums:
     relative Frobenius error per matrix."""
-    from actpat.metric import MeanAccumulator, pad_batch, score_batch
+    from actpat.activation.metric import MeanAccumulator, pad_batch, score_batch
 
     class Some(MeanAccumulator):
         def wants(self, matrix) -> bool:
@@ -421,7 +421,7 @@ def test_wanda_checkpoint_reloads_with_transformers(dense, gguf, work, capsys):
     assert len(record["layer_sparsities"]) == LAYERS
 
     seqs = [lm.tokenizer(t)["input_ids"] for t in TEXTS[:3]]
-    from actpat.metric import pad_batch
+    from actpat.activation.metric import pad_batch
 
     ids, mask = pad_batch(seqs, lm.tokenizer.pad_token_id)
     with torch.no_grad():
