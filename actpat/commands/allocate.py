@@ -150,8 +150,8 @@ def run(args) -> int:
     needs = allocation_needs(args, args.method)
     if "model" in needs and args.model is None:
         raise UserError(f"--method {args.method} needs --model"
-                        + (" (or --profile RUN)" if "counts" in ALLOCATORS.get(args.method).needs
-                           else ""))
+                        + (" (or --profile RUN)" if ALLOCATORS.get(args.method).needs ==
+                           {"counts"} else ""))
     if args.model is not None:
         from ..models.loading import load_model
 
