@@ -387,8 +387,9 @@ def test_cli_search_then_wanda_on_the_kept_layers(tmp_path, any_data, capsys):
               "--calibration-samples", "3", "--seq-len", "24", "--data-dir", any_data,
               "--quiet", "--device", "cpu"]
     rc = main(common + ["--sparsity", "0.5", "--pruner", "wanda", "--allocation", "activation",
-                        "--drop-layers", "2", "--layer-score", "search", "--search-samples", "2",
-                        "--search-width", "2", "--save", str(out)])
+                        "--drop-layers", "2", "--layer-score", "search",
+                        "--layer-search-samples", "2", "--layer-search-width", "2",
+                        "--save", str(out)])
     assert rc == 0
     rec = load_record(out)
     depth = rec["depth"]

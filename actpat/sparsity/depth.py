@@ -193,7 +193,7 @@ def search_layers(model: nn.Module, k: int, seed_order: Sequence[int],
     if sorted(seed_order) != list(range(n)):
         raise UserError(f"the seed ranking must list each of the {n} layers once")
     if width < 1:
-        raise UserError(f"--search-width must be at least 1 (got {width})")
+        raise UserError(f"--layer-search-width must be at least 1 (got {width})")
     loss = _Objective(model, sequences, objective, batch_size)
     result = SearchResult([], objective, width, loss() if objective == "ppl" else 0.0)
     bar = tqdm(total=k, desc=f"layer search ({objective})", unit="layer", disable=not progress)
@@ -243,7 +243,7 @@ def choose_layers(model: nn.Module, k: int, score: str, *,
     else:
         if held_apart is None:
             raise UserError("the search layer score needs held-apart calibration windows; "
-                            "give --search-samples of at least 1")
+                            "give --layer-search-samples of at least 1")
         res = search_layers(model, k, removal_order(activation), held_apart, width, objective,
                             batch_size, progress)
         why["search"] = res.to_json()
