@@ -348,7 +348,7 @@ def test_trust_remote_code_runs_the_models_own_code(capsys, work, tmp_path, monk
     marker = tmp_path / "marker.txt"
     monkeypatch.setenv("ACTPAT_TEST_REMOTE_MARKER", str(marker))
     msg = fail(capsys, *profile_args(work, tmp_path / "a", "--model", remote))
-    assert "contains custom code" in msg, msg  # (the fix it names should be --trust-remote-code)
+    assert "contains custom code" in msg and "pass --trust-remote-code" in msg, msg
     assert not marker.exists()
     ok(capsys, *profile_args(work, tmp_path / "b", "--model", remote, "--trust-remote-code",
                              "--no-cache"))

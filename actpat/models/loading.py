@@ -244,6 +244,10 @@ def load_model(
         )
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "trust_remote_code" in str(e) and not trust_remote_code:
+            raise UserError(f"model '{spec}' contains custom code that actpat does not run "
+                            "unless asked; read it, then pass --trust-remote-code "
+                            "(or trust_remote_code in Python) if you trust it") from None
         if "Unrecognized configuration class" in first:  # e.g. an encoder or seq2seq model
             kind = re.search(r"models\.(\w+)\.configuration", first)
             raise UserError(
