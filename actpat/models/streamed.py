@@ -106,6 +106,7 @@ class StreamedModel:
     files: dict[str, str]  # tensor name in the model -> file
     layer_prefix: str  # e.g. "model.layers"
     source: dict[str, str] = field(default_factory=dict)  # model name -> name in the file
+    streamed = True  # what ``activation.cache.profile_run`` dispatches on
     bytes_read: int = 0  # tensor bytes read from the checkpoint so far
     layers_loaded: int = 0
     loaded: set = field(default_factory=set)
@@ -367,7 +368,6 @@ def scored_suffixes(model: nn.Module) -> tuple[str, ...]:
 
 def in_memory_need(fp: Footprint, dtype: torch.dtype, profile: bool) -> int:
     """Bytes the in-memory engine needs: the whole model, plus float32 maps when profiling."""
-    elem = torch.empty((), dtype=dtype).element_size()
     model = fp.resident + fp.layers * fp.layer
     return model + (4 * fp.scored_total if profile else 0) + int(0.1 * model)
 
@@ -387,3 +387,26 @@ def streamed_need(fp: Footprint, batch: int, tokens: int, profile: bool) -> int:
     else:
         need += act // 4
     return need
+
+
+def choose_engine(spec: str, dtype: str, stream: bool, budget: int | None,
+                  profile: bool) -> tuple[bool, str | None]:
+    """(stream?, why): ``--stream-layers``, or a budget the in-memory engine would exceed."""
+    if stream:
+        return True, "--stream-layers"
+    if budget is None:
+        return False, None
+    try:
+        directory, _ = checkpoint_directory(spec)
+    except UserError:
+        return False, None  # a hub id: the in-memory engine (download it to stream it)
+    from .loading import parse_dtype as _pd
+
+    torch_dtype = _pd(dtype)
+    fp = footprint(directory, torch_dtype)
+    need = in_memory_need(fp, torch_dtype, profile)
+    if need > budget:
+        return True, (f"the model{' and its float32 maps' if profile else ''} need about "
+                      f"{need / 1e9:.1f} GB, more than --max-memory {budget / 1e9:.1f} GB: "
+                      "streaming decoder layers from disk")
+    return False, None
