@@ -41,9 +41,9 @@ def dirs(tmp_path_factory):
     return {arch: save_tiny_lm(root / arch, arch) for arch in ARCHS}
 
 
-def _streamed_maps(model_dir, seqs, run, batch, objective="max-logit"):
+def _streamed_maps(model_dir, seqs, run, batch, objective="max-logit", group=None):
     sm = open_streamed(model_dir)
-    prof = profile_streamed(sm, seqs, run, "key", batch, objective, progress=False)
+    prof = profile_streamed(sm, seqs, run, "key", batch, objective, progress=False, group=group)
     prof.save(run)
     return Profile.load(run)
 
@@ -55,7 +55,9 @@ def _streamed_maps(model_dir, seqs, run, batch, objective="max-logit"):
 def test_streamed_profile_equals_in_memory(dirs, tmp_path, arch):
     seqs = _seqs(7)  # unequal lengths: padded batches, a last batch of 1
     ref = compute_profile(load_model(dirs[arch]), seqs, 3, progress=False)
-    got = _streamed_maps(dirs[arch], seqs, tmp_path / "run", 3)
+    got = _streamed_maps(dirs[arch], seqs, tmp_path / "run", 3)  # one walk for 3 batches
+    assert _rel_frobenius(got.maps, ref.maps) <= 1e-6
+    got = _streamed_maps(dirs[arch], seqs, tmp_path / "run1", 3, group=1)  # a walk per batch
     assert _rel_frobenius(got.maps, ref.maps) <= 1e-6
     assert got.layers == ref.layers and got.matrices == ref.matrices
     assert not (tmp_path / "run" / "stream").exists()  # the scratch state is gone
@@ -72,15 +74,15 @@ class _Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("where", ["walk-down", "assembly"])
-def test_resume_after_interruption_is_bit_identical(dirs, tmp_path, monkeypatch, where):
+@pytest.mark.parametrize("where,group", [("walk-down", 1), ("walk-down", 2), ("assembly", 2)])
+def test_resume_after_interruption_is_bit_identical(dirs, tmp_path, monkeypatch, where, group):
     """A run stopped part-way (every write is an atomic rename, so a kill -9 leaves the same
     state as this exception) and run again gives exactly the uninterrupted profile."""
     seqs = _seqs(8, seed=5)
-    whole = _streamed_maps(dirs["qwen2"], seqs, tmp_path / "whole", 3)
+    whole = _streamed_maps(dirs["qwen2"], seqs, tmp_path / "whole", 3, group=group)
     run = tmp_path / "resumed"
     calls = {"n": 0}
-    if where == "walk-down":  # stop inside the second batch's walk down, after one layer
+    if where == "walk-down":  # stop inside the second walk down, after one layer
         real = streaming._Store.save_acc
 
         def save_acc(self, i, sums, cursor):
@@ -100,10 +102,11 @@ def test_resume_after_interruption_is_bit_identical(dirs, tmp_path, monkeypatch,
 
         monkeypatch.setattr(Path, "unlink", unlink)
     with pytest.raises(_Killed):
-        _streamed_maps(dirs["qwen2"], seqs, run, 3)
+        _streamed_maps(dirs["qwen2"], seqs, run, 3, group=group)
     monkeypatch.undo()
     assert (run / "stream" / "state.json").exists()
-    resumed = _streamed_maps(dirs["qwen2"], seqs, run, 3)
+    resumed = _streamed_maps(dirs["qwen2"], seqs, run, 3, group=group)
+    assert resumed.meta["resumed_at_sample"] == (3 * group if where == "walk-down" else 8)
     for k in whole.maps:
         assert torch.equal(resumed.maps[k], whole.maps[k]), k
 

@@ -1,25 +1,27 @@
 """The layer-streamed profile: the exact per-sample metric with one decoder layer in memory.
 
-For each batch (``profile_streamed``):
+For each group of batches (``profile_streamed``; ``GROUP_BATCHES`` batches per group):
 
 1. *capture*: the model's own code runs up to the first decoder layer (``StreamedModel
-   .capture``): layer 0's input and every layer's other arguments (mask, position embeddings);
-2. *forward*: layer by layer, each loaded from disk, run without grad and freed; only each
-   layer's input hidden states are kept (spilled to a scratch file, so memory does not grow
-   with the number of layers);
-3. *top*: the objective of ``activation.metric`` on the final hidden states (``head``: final
-   norm and LM head, resident) gives the gradient at the top;
-4. *walk down*: from the last layer to the first, load layer i, recompute its forward from
-   its stored input with grad enabled, back-propagate the incoming gradient, and let the very
-   hooks of ``activation.metric`` (``_Hooks``) form per-sample |W| * |G_b| into that layer's
-   float32 accumulator (a ``MeanAccumulator``); the accumulator is written to
-   ``RUN/stream/acc-<i>.safetensors`` (atomic rename) and the layer freed. The gradient at the
-   layer's input goes on down.
+   .capture``): each batch's layer-0 input and every layer's other arguments (mask, position
+   embeddings);
+2. *forward*: layer by layer, each loaded from disk once, run without grad on every batch and
+   freed; only each layer's input hidden states are kept (spilled to scratch files, so memory
+   does not grow with the number of layers);
+3. *top*: the objective of ``activation.metric`` on each batch's final hidden states (``head``:
+   final norm and LM head, resident) gives the gradient at the top;
+4. *walk down*: from the last layer to the first, load layer i and its float32 accumulator (a
+   ``MeanAccumulator``, ``RUN/stream/acc-<i>.safetensors``) once; for each batch in order
+   recompute the layer's forward from its stored input with grad enabled and back-propagate the
+   batch's incoming gradient, while the very hooks of ``activation.metric`` (``_Hooks``) add
+   per-sample |W| * |G_b| into the accumulator; write it back (atomic rename), free the layer,
+   and pass the gradients at the layer's input on down.
 
-So the backward pass costs one extra forward per layer (the recompute). Every accumulator
+Batches are added in the in-memory engine's order, so the sums are those of
+``profiling.compute_profile`` up to the order of autograd's own accumulations. So the backward pass costs one extra forward per layer (the recompute). Every accumulator
 file records how many samples it holds; ``stream/state.json`` records the batches that are
-complete. The same command after a kill resumes at the first incomplete batch with the same
-batch boundaries; layers whose accumulator already holds that batch still pass the gradient
+complete. The same command after a kill resumes at the first incomplete group with the same
+batch boundaries; layers whose accumulator already holds that group still pass the gradients
 on but add nothing, so the resumed profile is bit-identical to an uninterrupted one (the
 accumulators are the checkpoint: ``--checkpoint-every`` does not apply).
 
@@ -38,17 +40,18 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import UserError
 from ..models.loading import scored_matrices
-from ..models.streamed import StreamedModel, call_layer
+from ..models.streamed import StreamedModel, call_layer, write_safetensors
 from ..runs import versions, write_json
 from ..version import __version__
 from .metric import MeanAccumulator, _Hooks, get_objective, pad_batch
 from .profiling import PROFILE_FILE, SUMMARY_FILE, Profile
 
 STREAM_DIR = "stream"
+GROUP_BATCHES = 8  # batches per walk: each layer and its accumulator are read once per group
 
 
 class StreamedProfile(Profile):
@@ -70,7 +73,7 @@ def _io_read_bytes() -> int | None:
 class _Store:
     """The run's streamed state: per-layer accumulators, scratch hidden states, the cursor."""
 
-    def __init__(self, run_dir: Path, key: str, batch_size: int, samples: int):
+    def __init__(self, run_dir: Path, key: str, batch_size: int, samples: int, group: int):
         self.dir = run_dir / STREAM_DIR
         self.dir.mkdir(parents=True, exist_ok=True)
         self.key = key
@@ -83,6 +86,7 @@ class _Store:
                                 "model, data, sampling or options); delete it or choose "
                                 "another --out")
         self.state = {"key": key, "batch_size": state.get("batch_size", batch_size),
+                      "group": state.get("group", group),
                       "samples": samples, "cursor": state.get("cursor", 0),
                       "count": state.get("count", 0), "tokens": state.get("tokens", 0),
                       "assembling": state.get("assembling", False)}
@@ -109,20 +113,16 @@ class _Store:
         return load_file(str(p)) if p.exists() else {}
 
     def save_acc(self, i: int, sums: dict[str, torch.Tensor], cursor: int) -> None:
-        p = self.acc_path(i)
-        tmp = p.with_name(p.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in sums.items()}, str(tmp),
-                  metadata={"key": self.key, "cursor": str(cursor)})
-        os.replace(tmp, p)
+        write_safetensors(self.acc_path(i), sums, {"key": self.key, "cursor": str(cursor)})
 
-    def hidden_path(self, i: int) -> Path:
-        return self.dir / f"hidden-{i:05d}.safetensors"
+    def hidden_path(self, i: int, b: int) -> Path:
+        return self.dir / f"hidden-{i:05d}-{b:03d}.safetensors"
 
-    def put_hidden(self, i: int, h: torch.Tensor) -> None:
-        save_file({"h": h.contiguous()}, str(self.hidden_path(i)))
+    def put_hidden(self, i: int, b: int, h: torch.Tensor) -> None:
+        write_safetensors(self.hidden_path(i, b), {"h": h})
 
-    def get_hidden(self, i: int) -> torch.Tensor:
-        return load_file(str(self.hidden_path(i)))["h"]
+    def get_hidden(self, i: int, b: int) -> torch.Tensor:
+        return load_file(str(self.hidden_path(i, b)))["h"]
 
     def clear(self) -> None:
         for p in self.dir.iterdir():
@@ -131,49 +131,58 @@ class _Store:
 
 
 @torch.no_grad()
-def _forward_layers(sm: StreamedModel, store: _Store, h: torch.Tensor, calls) -> tuple:
-    """Run every layer on ``h``, storing each layer's input; the final hidden states."""
+def _forward_layers(sm: StreamedModel, store: _Store, hidden: list, calls: list) -> tuple:
+    """Run every layer on each batch's hidden states, storing each layer's inputs (one file
+    per layer and batch); the final hidden states of every batch."""
     tuple_out = False
     for i in range(sm.num_layers):
-        store.put_hidden(i, h)
         layer = sm.load_layer(i)
-        h, tuple_out = call_layer(layer, h, calls[i])
+        for b in range(len(hidden)):
+            store.put_hidden(i, b, hidden[b])
+            hidden[b], tuple_out = call_layer(layer, hidden[b], calls[b][i])
         sm.free_layer(i)
-    return h, tuple_out
+    return hidden, tuple_out
 
 
-def _score_batch_streamed(sm: StreamedModel, store: _Store, mats_by_layer, ids, mask,
-                          objective, batch_end: int) -> torch.Tensor:
-    """One batch: capture, forward, top gradient, walk down accumulating into the files."""
+def _score_group_streamed(sm: StreamedModel, store: _Store, mats_by_layer, batches,
+                          objective, group_end: int) -> list[torch.Tensor]:
+    """A group of batches: capture, forward, top gradients, one walk down in which each layer
+    and its accumulator are read once and every batch adds into it in order."""
     fn = get_objective(objective) if isinstance(objective, str) else objective
-    h0, calls = sm.capture(input_ids=ids, attention_mask=mask)
-    final, tuple_out = _forward_layers(sm, store, h0, calls)
-    final = final.detach().requires_grad_(True)
-    with torch.enable_grad(), sm.head(final, tuple_out) as model:
-        values = fn(model, ids, mask)
-        values.sum().backward()
-    grad = final.grad
-    del final
-    token_mask = mask.to(torch.float32)
-    padded = bool((mask == 0).any())
+    caught = [sm.capture(input_ids=ids, attention_mask=mask) for ids, mask in batches]
+    calls = [c for _, c in caught]
+    finals, tuple_out = _forward_layers(sm, store, [h for h, _ in caught], calls)
+    del caught
+    grads, values = [], []
+    for (ids, mask), final in zip(batches, finals):
+        final = final.detach().requires_grad_(True)
+        with torch.enable_grad(), sm.head(final, tuple_out) as model:
+            v = fn(model, ids, mask)
+            v.sum().backward()
+        grads.append(final.grad)
+        values.append(v.detach())
+    del finals
+    masks = [(mask.to(torch.float32), bool((mask == 0).any())) for _, mask in batches]
     for i in reversed(range(sm.num_layers)):
-        done = store.acc_cursor(i) >= batch_end  # resumed: this layer already holds the batch
+        done = store.acc_cursor(i) >= group_end  # resumed: this layer already holds the group
         acc = MeanAccumulator()
         if not done:
             acc.sums = store.load_acc(i)
         layer = sm.load_layer(i)
-        h = store.get_hidden(i).requires_grad_(True)
-        with _Hooks(mats_by_layer[i] if not done else [], [acc]) as hooks, torch.enable_grad():
-            hooks.token_mask, hooks.padded = token_mask, padded
-            out, _ = call_layer(layer, h, calls[i])
-            out.backward(grad)
-        grad = h.grad
-        del out, h
+        for b in range(len(batches)):
+            h = store.get_hidden(i, b).requires_grad_(True)
+            with _Hooks(mats_by_layer[i] if not done else [], [acc]) as hooks, \
+                    torch.enable_grad():
+                hooks.token_mask, hooks.padded = masks[b]
+                out, _ = call_layer(layer, h, calls[b][i])
+                out.backward(grads[b])
+            grads[b] = h.grad
+            del out, h
         sm.free_layer(i)
         if not done:
-            store.save_acc(i, acc.sums, batch_end)
+            store.save_acc(i, acc.sums, group_end)
         del acc
-    return values.detach()
+    return values
 
 
 def _write_header(path: Path, entries: list[tuple[str, list[int]]]) -> dict[str, int]:
@@ -230,7 +239,8 @@ def _assemble(sm: StreamedModel, store: _Store, run_dir: Path, mats) -> None:
 def profile_streamed(sm: StreamedModel, sequences: list[list[int]], run_dir, key: str,
                      batch_size: int | str = 4, objective: str = "max-logit",
                      meta: dict | None = None, progress: bool = True,
-                     max_memory: int | None = None) -> StreamedProfile:
+                     max_memory: int | None = None, group: int | None = None
+                     ) -> StreamedProfile:
     """The mean activation map of ``sequences``, streamed; written to ``run_dir``.
 
     ``batch_size``: an int or ``"auto"`` (the largest that ``models.streamed.streamed_need``
@@ -251,8 +261,8 @@ def profile_streamed(sm: StreamedModel, sequences: list[list[int]], run_dir, key
         while batch_size < 64 and current_rss() + streamed_need(
                 fp, batch_size * 2, tokens, True) <= budget:
             batch_size *= 2
-    store = _Store(run_dir, key, batch_size, len(sequences))
-    batch_size = store.state["batch_size"]
+    store = _Store(run_dir, key, batch_size, len(sequences), group or GROUP_BATCHES)
+    batch_size, group = store.state["batch_size"], store.state["group"]
     for p in sm.model.parameters():
         p.requires_grad_(False)
     mats = scored_matrices(sm.model)
@@ -267,18 +277,19 @@ def profile_streamed(sm: StreamedModel, sequences: list[list[int]], run_dir, key
                disable=not progress)
     batches = 0
     while cursor < len(sequences) and not store.state["assembling"]:
-        chunk = sequences[cursor:cursor + batch_size]
-        ids, mask = pad_batch(chunk, pad)
-        values = _score_batch_streamed(sm, store, by_layer, ids, mask, objective,
-                                       cursor + len(chunk))
-        if not torch.isfinite(values).all():
+        chunks = [sequences[c:c + batch_size] for c in
+                  range(cursor, min(cursor + batch_size * group, len(sequences)), batch_size)]
+        size = sum(len(c) for c in chunks)
+        values = _score_group_streamed(sm, store, by_layer, [pad_batch(c, pad) for c in chunks],
+                                       objective, cursor + size)
+        if not all(torch.isfinite(v).all() for v in values):
             raise UserError("the objective is not finite (overflow?); use --dtype float32")
-        cursor += len(chunk)
-        batches += 1
-        store.state.update(cursor=cursor, count=store.state["count"] + len(chunk),
-                           tokens=store.state["tokens"] + sum(len(s) for s in chunk))
+        cursor += size
+        batches += len(chunks)
+        store.state.update(cursor=cursor, count=store.state["count"] + size,
+                           tokens=store.state["tokens"] + sum(len(x) for c in chunks for x in c))
         store.save_state()
-        bar.update(len(chunk))
+        bar.update(size)
     bar.close()
     scored_s = time.perf_counter() - start
     _assemble(sm, store, run_dir, mats)
@@ -288,7 +299,7 @@ def profile_streamed(sm: StreamedModel, sequences: list[list[int]], run_dir, key
     info.update(objective=objective, samples=len(sequences), tokens_scored=store.state["tokens"],
                 batch_size=batch_size, wall_time_s=round(wall, 3), versions=versions())
     info["streamed"] = {
-        "engine": "layer-streamed", "batches_this_run": batches,
+        "engine": "layer-streamed", "batches_this_run": batches, "batches_per_walk": group,
         "scoring_s": round(scored_s, 3),
         "layer_loads": sm.layers_loaded - loads0,
         "checkpoint_bytes_read": sm.bytes_read - read0,

@@ -305,8 +305,11 @@ def open_streamed(spec: str, dtype: str | torch.dtype = "float32",
     state = sm.read(resident)
     model.load_state_dict(state, strict=False, assign=True)
     out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
-    if out_emb is not None and _is_meta(out_emb.weight) and not _is_meta(in_emb.weight):
-        out_emb.weight = in_emb.weight  # tied embeddings: the checkpoint stores one matrix
+    if out_emb is not None:  # tied embeddings: the checkpoint stores one of the two
+        if _is_meta(out_emb.weight) and not _is_meta(in_emb.weight):
+            out_emb.weight = in_emb.weight
+        elif _is_meta(in_emb.weight) and not _is_meta(out_emb.weight):
+            in_emb.weight = out_emb.weight
     layer_ids = {id(p) for p in decoder_layers(model).parameters()}
     left = [n for n, p in model.named_parameters() if _is_meta(p) and id(p) not in layer_ids]
     if left:
@@ -410,3 +413,41 @@ def choose_engine(spec: str, dtype: str, stream: bool, budget: int | None,
                       f"{need / 1e9:.1f} GB, more than --max-memory {budget / 1e9:.1f} GB: "
                       "streaming decoder layers from disk")
     return False, None
+
+
+# --------------------------------------------------------------------------- writing
+
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.float64: "F64", torch.int64: "I64", torch.int32: "I32", torch.int8: "I8",
+           torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> int:
+    """A safetensors file written tensor by tensor (``safetensors.torch.save_file`` first
+    builds the whole file in memory: one more copy of a layer). Atomic: written to
+    ``path.tmp``, then renamed. Returns the bytes of tensor data."""
+    import os
+    import struct
+
+    path = Path(path)
+    header, at = {}, 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [at, at + n]}
+        at += n
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for t in tensors.values():
+            flat = t.detach().contiguous().reshape(-1)
+            if flat.numel():
+                f.write(memoryview(flat.view(torch.uint8).numpy()))
+    os.replace(tmp, path)
+    return at

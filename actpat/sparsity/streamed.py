@@ -22,7 +22,7 @@ import torch
 
 from ..errors import UserError
 from ..models.loading import scored_matrices
-from ..models.streamed import INDEX_FILE, StreamedModel
+from ..models.streamed import INDEX_FILE, StreamedModel, write_safetensors
 from .layerwise import _InputStats, _set_weight, capture_layer_inputs
 from .masks import parse_pattern, validate_sparsity
 from .pruners import get_pruner
@@ -55,14 +55,10 @@ def _unique(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _write_shard(out: Path, name: str, tensors: dict[str, torch.Tensor],
                  weight_map: dict[str, str]) -> int:
-    from safetensors.torch import save_file
-
-    tmp = out / (name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / name)
+    size = write_safetensors(out / name, tensors, {"format": "pt"})
     for k in tensors:
         weight_map[k] = name
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return size
 
 
 @torch.no_grad()
