@@ -101,23 +101,24 @@ def timed(cmd: list[str]) -> dict:
             "stdout": r.stdout.strip().splitlines()[-1:] }
 
 
-def rss(prefix: Path, layer_counts=(4, 8, 16), hidden: int = 1024, intermediate: int = 2816):
-    """Peak RSS of streamed profile / prune / eval for the same layer shape, more layers."""
+def rss(prefix: Path, data_dir: str, layer_counts=(4, 8, 16), hidden: int = 1024,
+        intermediate: int = 2816):
+    """Peak RSS of streamed profile / prune / eval for the same layer shape, more layers
+    (c4 samples and calibration, wikitext2 perplexity, from ``data_dir``)."""
     py = sys.executable
     rows = []
     for n in layer_counts:
         d = Path(f"{prefix}-{n}")
         if not (d / "config.json").exists():
             make(d, n, hidden, intermediate, 16, 16)
-        common = ["--device", "cpu", "--dtype", "bfloat16", "--quiet"]
+        common = ["--device", "cpu", "--dtype", "bfloat16", "--quiet", "--data-dir", data_dir]
         runs = {
             "profile": [py, "-m", "actpat", "profile", "--model", str(d), "--dataset",
-                        str(ROOT / "actpat/probes/prose.txt"), "--samples", "4", "--seq-len",
+                        "c4", "--samples", "4", "--seq-len",
                         "128", "--batch-size", "4", "--stream-layers", "--no-cache",
                         "--overwrite", "--out", f"{d}/run-profile", *common],
             "prune": [py, "-m", "actpat", "prune", "--model", str(d), "--sparsity", "0.5",
-                      "--calibration", str(ROOT / "actpat/probes/prose.txt"),
-                      "--exclude-first", "0", "--calibration-samples", "8", "--seq-len", "128",
+                      "--calibration", "c4", "--calibration-samples", "8", "--seq-len", "128",
                       "--stream-layers", "--overwrite", "--save", f"{d}/run-pruned", *common],
             "eval": [py, "-m", "actpat", "eval", "--model", f"{d}/run-pruned", "--tasks",
                      "wikitext2", "--limit", "4", "--seq-len", "128", "--stream-layers",
@@ -183,12 +184,13 @@ def main() -> None:
     m.add_argument("--kv-heads", type=int, default=32)
     r = sub.add_parser("rss")
     r.add_argument("prefix")
+    r.add_argument("--data-dir", required=True, help="folder with c4/ and wikitext2/")
     sub.add_parser("smollm2")
     a = p.parse_args()
     if a.cmd == "make":
         make(Path(a.out), a.layers, a.hidden, a.intermediate, a.heads, a.kv_heads)
     elif a.cmd == "rss":
-        rss(Path(a.prefix))
+        rss(Path(a.prefix), a.data_dir)
     else:
         smollm2()
 

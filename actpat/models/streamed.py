@@ -409,7 +409,7 @@ def choose_engine(spec: str, dtype: str, stream: bool, budget: int | None,
     fp = footprint(directory, torch_dtype)
     need = in_memory_need(fp, torch_dtype, profile)
     if need > budget:
-        return True, (f"the model{' and its float32 maps' if profile else ''} need about "
+        return True, (f"the model{' and its float32 maps need' if profile else ' needs'} about "
                       f"{need / 1e9:.1f} GB, more than --max-memory {budget / 1e9:.1f} GB: "
                       "streaming decoder layers from disk")
     return False, None
