@@ -185,12 +185,13 @@ def main() -> None:
     r = sub.add_parser("rss")
     r.add_argument("prefix")
     r.add_argument("--data-dir", required=True, help="folder with c4/ and wikitext2/")
+    r.add_argument("--layers", default="4,8,16", help="layer counts, e.g. 4,16")
     sub.add_parser("smollm2")
     a = p.parse_args()
     if a.cmd == "make":
         make(Path(a.out), a.layers, a.hidden, a.intermediate, a.heads, a.kv_heads)
     elif a.cmd == "rss":
-        rss(Path(a.prefix), a.data_dir)
+        rss(Path(a.prefix), a.data_dir, tuple(int(x) for x in a.layers.split(",")))
     else:
         smollm2()
 
