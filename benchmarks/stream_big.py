@@ -132,8 +132,9 @@ def rss(prefix: Path, data_dir: str, layer_counts=(4, 8, 16), hidden: int = 1024
     print(json.dumps(rows, indent=2))
 
 
-def smollm2(samples: int = 8, seq_len: int = 128, batch: int = 4) -> None:
-    """Time per sample of the in-memory and the streamed profile of SmolLM2, one process."""
+def smollm2(data_dir: str | None, samples: int = 8, seq_len: int = 128, batch: int = 4) -> None:
+    """Time per sample of the in-memory and the streamed profile of SmolLM2, one process
+    (c4 windows from ``data_dir``; without it the packaged prose probes, shorter texts)."""
     from actpat.activation.profiling import compute_profile
     from actpat.activation.streaming import profile_streamed
     from actpat.data.datasets import sample_sequences
@@ -143,8 +144,9 @@ def smollm2(samples: int = 8, seq_len: int = 128, batch: int = 4) -> None:
 
     torch.set_num_threads(1)
     lm = load_model("smollm2-135m")
-    seqs = sample_sequences(lm.tokenizer, str(ROOT / "actpat/probes/prose.txt"), samples,
-                            seq_len, 0).sequences
+    dataset = "c4" if data_dir else str(ROOT / "actpat/probes/prose.txt")
+    seqs = sample_sequences(lm.tokenizer, dataset, samples, seq_len, 0,
+                            data_dir=data_dir).sequences
     compute_profile(lm, seqs[:batch], batch, progress=False)  # warm-up
     t = time.perf_counter()
     ref = compute_profile(lm, seqs, batch, progress=False)
@@ -162,7 +164,8 @@ def smollm2(samples: int = 8, seq_len: int = 128, batch: int = 4) -> None:
     err = max(float((got.maps[k] - ref.maps[k]).norm() / ref.maps[k].norm()) for k in ref.maps)
     s = prof.meta["streamed"]
     batches = -(-samples // batch)
-    print(json.dumps({"samples": samples, "seq_len": seq_len, "batch": batch,
+    print(json.dumps({"samples": samples, "seq_len": seq_len, "batch": batch, "dataset": dataset,
+                      "tokens": sum(len(x) for x in seqs),
                       "in_memory_s_per_sample": round(mem_s / samples, 3),
                       "streamed_s_per_sample": round(st_s / samples, 3),
                       "streamed_scoring_s_per_sample": round(s["scoring_s"] / samples, 3),
@@ -186,14 +189,15 @@ def main() -> None:
     r.add_argument("prefix")
     r.add_argument("--data-dir", required=True, help="folder with c4/ and wikitext2/")
     r.add_argument("--layers", default="4,8,16", help="layer counts, e.g. 4,16")
-    sub.add_parser("smollm2")
+    b = sub.add_parser("smollm2")
+    b.add_argument("--data-dir", default=None, help="folder with c4/ (default: packaged text)")
     a = p.parse_args()
     if a.cmd == "make":
         make(Path(a.out), a.layers, a.hidden, a.intermediate, a.heads, a.kv_heads)
     elif a.cmd == "rss":
         rss(Path(a.prefix), a.data_dir, tuple(int(x) for x in a.layers.split(",")))
     else:
-        smollm2()
+        smollm2(a.data_dir)
 
 
 if __name__ == "__main__":

@@ -163,25 +163,6 @@ class StreamedModel:
             self.loaded.discard(i)
             _trim()
 
-
-def _trim() -> None:
-    """Hand freed heap memory back to the system (glibc keeps freed blocks below its mmap
-    threshold, up to 32 MB, in the heap: without this, small layers would make the resident
-    memory creep up layer after layer)."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-
-            _LIBC = ctypes.CDLL("libc.so.6")
-        except OSError:
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
-
     # ------------------------------------------------------------------ stand-ins
 
     @contextmanager
@@ -243,6 +224,25 @@ _LIBC = None
 
     def as_loaded(self) -> LoadedModel:
         return LoadedModel(self.model, self.tokenizer, self.spec, self.identity)
+
+
+def _trim() -> None:
+    """Hand freed heap memory back to the system (glibc keeps freed blocks below its mmap
+    threshold, up to 32 MB, in the heap: without this, small layers would make the resident
+    memory creep up layer after layer)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def _has_param(module: nn.Module, name: str) -> bool:
