@@ -12,7 +12,8 @@ BUDGET_HELP = ("memory budget of the run (e.g. 6GB), the process's resident memo
                "head, and the fixed overhead of Python + torch + tokenizer (~0.7-0.9 GB), and "
                "does not grow with the number of layers")
 STREAM_HELP = ("keep weights in the checkpoint's safetensors files and hold one decoder layer in "
-               "memory at a time (models larger than memory; same results as in memory; needs "
+               "memory at a time, computing on the CPU (models larger than memory; same results "
+               "as in memory; needs "
                "a local safetensors directory, an alias or a .gguf)")
 
 
