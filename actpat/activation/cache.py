@@ -205,11 +205,20 @@ def profile_run(lm, dataset: str, out: str | Path, *, samples: int = 64, seq_len
             reuse(hit, out)
         return ProfileRun(None, Path(hit), drawn)
     checkpoint = None
-    if checkpoint_every:
-        checkpoint = Checkpointer(out, checkpoint_every, key, dist.rank, dist.world_size)
-    profile = compute_profile(lm, drawn.sequences, batch_size, objective, meta,
-                              progress=progress and dist.is_main, checkpoint=checkpoint,
-                              dist=dist, max_memory=max_memory)
+    if getattr(lm, "streamed", False):  # models.streamed.StreamedModel: one layer at a time
+        from .streaming import profile_streamed
+
+        if dist.enabled:
+            raise UserError("--stream-layers runs in one process; drop torchrun / accelerate "
+                            "launch")
+        profile = profile_streamed(lm, drawn.sequences, out, key, batch_size, objective, meta,
+                                   progress=progress, max_memory=max_memory)
+    else:
+        if checkpoint_every:
+            checkpoint = Checkpointer(out, checkpoint_every, key, dist.rank, dist.world_size)
+        profile = compute_profile(lm, drawn.sequences, batch_size, objective, meta,
+                                  progress=progress and dist.is_main, checkpoint=checkpoint,
+                                  dist=dist, max_memory=max_memory)
     if dist.is_main:
         profile.save(out)
         if cacheable(fingerprint):

@@ -5,6 +5,17 @@ from __future__ import annotations
 import argparse
 import os
 
+BUDGET_HELP = ("memory budget of the run (e.g. 6GB), the process's resident memory. When the "
+               "model in --dtype (plus, for profile, its float32 maps: 4 bytes per scored "
+               "weight) would not fit it, the run streams decoder layers from disk (as "
+               "--stream-layers, on the CPU), whose peak is one layer, the embeddings and LM "
+               "head, and the fixed overhead of Python + torch + tokenizer (~0.7-0.9 GB), and "
+               "does not grow with the number of layers")
+STREAM_HELP = ("keep weights in the checkpoint's safetensors files and hold one decoder layer in "
+               "memory at a time, computing on the CPU (models larger than memory; same results "
+               "as in memory; needs "
+               "a local safetensors directory, an alias or a .gguf)")
+
 
 def add_common(p: argparse.ArgumentParser, model: bool = True) -> None:
     """Options every command shares (docs/architecture.md: the command-line contract)."""

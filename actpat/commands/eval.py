@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_common
+from .common import BUDGET_HELP, STREAM_HELP, add_common
 from ..errors import UserError
 
 HELP = "perplexity (wikitext2, c4) and zero-shot acc/acc_norm (boolq piqa siqa hellaswag mmlu)"
@@ -21,6 +21,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="perplexity window (default 256)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--json", default=None, help="write {task: {metric: value, ...}} here")
+    p.add_argument("--max-memory", default=None, help=BUDGET_HELP)
+    p.add_argument("--stream-layers", action="store_true",
+                   help=STREAM_HELP + "; perplexity tasks only")
     add_common(p)
 
 
@@ -37,6 +40,13 @@ def run(args) -> int:
     if args.seq_len < 2:
         raise UserError(f"--seq-len must be at least 2 (got {args.seq_len})")
     require_tasks(tasks, args.data_dir)
+    from ..models.memory import parse_size
+    from ..models.streamed import choose_engine
+
+    budget = parse_size(args.max_memory) if args.max_memory else None
+    stream, why = choose_engine(args.model, args.dtype, args.stream_layers, budget, False)
+    if stream:
+        return _run_streamed(args, tasks, why)
     lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     context = getattr(lm.model.config, "max_position_embeddings", None)
     if context and args.seq_len > context and any(t in ("wikitext2", "c4") for t in tasks):
@@ -48,6 +58,38 @@ def run(args) -> int:
     rule = ("BOS + seq_len-1 stream tokens per window, all predicted" if starts == {"bos"} else
             "seq_len stream tokens per window, the first not predicted")
     print(f"# model: {args.model}" + (f"  (perplexity: {rule})" if starts else ""))
+    print(format_table(results))
+    if args.json:
+        write_json(args.json, results)
+    return 0
+
+
+def _run_streamed(args, tasks, why) -> int:
+    """Perplexity with decoder layers read from disk one at a time."""
+    import sys
+
+    from ..evaluation.evaluate import PERPLEXITY_SPLITS, format_table, load_corpus
+    from ..evaluation.streamed import perplexity_streamed
+    from ..models.streamed import open_streamed
+    from ..runs import write_json
+
+    shots = [t for t in tasks if t not in PERPLEXITY_SPLITS]
+    if shots:
+        raise UserError(f"zero-shot tasks ({','.join(shots)}) are not streamed; with "
+                        "--stream-layers (or a --max-memory the model exceeds) give "
+                        "--tasks wikitext2,c4")
+    if why and why != "--stream-layers" and not args.quiet:
+        print(why, file=sys.stderr)
+    sm = open_streamed(args.model, args.dtype, args.trust_remote_code)
+    context = getattr(sm.model.config, "max_position_embeddings", None)
+    if context and args.seq_len > context:
+        raise UserError(f"--seq-len {args.seq_len} exceeds the model's context of {context} "
+                        "tokens; lower --seq-len")
+    results = {t: perplexity_streamed(sm, load_corpus(sm.tokenizer, t, args.data_dir),
+                                      args.seq_len, args.limit, args.batch_size,
+                                      progress=not args.quiet) for t in tasks}
+    print(f"# model: {args.model}  (streamed; perplexity: seq_len-1 predictions per window, "
+          "first token of each window not predicted)")
     print(format_table(results))
     if args.json:
         write_json(args.json, results)

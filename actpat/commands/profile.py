@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_common
+from .common import BUDGET_HELP, STREAM_HELP, add_common
 from ..errors import UserError
 
 HELP = "score every weight on a dataset's samples and save the mean activation map"
@@ -31,9 +31,11 @@ def add_arguments(p) -> None:
                    help="recompute even if a finished profile with the same model, data, "
                         "sampling, seq len, objective, seed and version exists")
     p.add_argument("--max-memory", default=None,
-                   help="memory budget, e.g. 8GB: bounds the peak for --batch-size auto, or the "
+                   help=BUDGET_HELP + "; it also bounds the peak for --batch-size auto, or the "
                         "weights kept on the compute device with --device-map auto (there also "
-                        "'cuda:0=20GiB,cpu=60GiB')")
+                        "'cuda:0=20GiB,cpu=60GiB'). Default: a safe share of the free memory")
+    p.add_argument("--stream-layers", action="store_true", help=STREAM_HELP + "; the "
+                   "accumulators live in OUT/stream between batches and a re-run resumes there")
     p.add_argument("--device-map", default=None, choices=["auto"],
                    help="spread the model over GPU / CPU / disk with accelerate (models larger "
                         "than one device)")
@@ -58,6 +60,9 @@ def run(args) -> int:
         if "=" in args.max_memory:
             raise UserError("per-device --max-memory lists need --device-map auto; give one size")
         budget = parse_size(args.max_memory)
+    if args.stream_layers and args.device_map:
+        raise UserError("--stream-layers and --device-map auto are two ways to run a model "
+                        "larger than memory; give one")
     if Ranks.from_env().enabled and args.device_map:
         raise UserError("--device-map auto runs in one process; drop torchrun/accelerate launch "
                         "or --device-map")
@@ -72,12 +77,24 @@ def _run(args, ctx, device, budget) -> int:
     from ..runs import prepare_out_dir
 
     if ctx.is_main:  # other ranks wait: rank 0 alone checks and creates --out
-        prepare_out_dir(args.out, args.overwrite, owned=(PROFILE_FILE, SUMMARY_FILE, "checkpoint"))
+        prepare_out_dir(args.out, args.overwrite, owned=(PROFILE_FILE, SUMMARY_FILE, "checkpoint",
+                                                         "stream", PROFILE_FILE + ".tmp"))
     barrier(ctx)
     out = Path(args.out)
     from ..data.datasets import require_records
 
     require_records(args.dataset, args.split, args.data_dir)
+    if args.device_map is None:
+        import sys
+
+        from ..models.streamed import choose_engine, open_streamed
+
+        stream, why = choose_engine(args.model, args.dtype, args.stream_layers, budget, True)
+        if stream:
+            if why and why != "--stream-layers" and not args.quiet:
+                print(why, file=sys.stderr)
+            sm = open_streamed(args.model, args.dtype, args.trust_remote_code)
+            return _profile(args, ctx, sm, out, budget)
     if args.device_map:
         import tempfile
 

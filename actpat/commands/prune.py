@@ -7,7 +7,7 @@ import dataclasses
 import sys
 import time
 
-from .common import add_common
+from .common import BUDGET_HELP, STREAM_HELP, add_common
 from ..errors import UserError
 from .allocate import (add_allocation_arguments, add_calibration_arguments, allocation_needs,
                        calibration_info, held_count, load_calibration, require_calibration,
@@ -37,6 +37,9 @@ def add_arguments(p) -> None:
     p.add_argument("--offload", default="none", choices=["none", "cpu"],
                    help="cpu: keep the model in CPU memory and bring one decoder layer at a time "
                         "onto --device (models larger than the GPU)")
+    p.add_argument("--max-memory", default=None, help=BUDGET_HELP)
+    p.add_argument("--stream-layers", action="store_true", help=STREAM_HELP + "; the pruned "
+                   "checkpoint is written one layer shard at a time")
     add_common(p)
 
 
@@ -132,9 +135,21 @@ def run(args) -> int:
         raise UserError(f"--drop-layers must be >= 0 (got {args.drop_layers})")
     if args.drop_layers and args.layer_score == "search" and args.layer_search_samples < 1:
         raise UserError("--layer-score search needs --layer-search-samples of at least 1")
-    out = prepare_out_dir(args.save, args.overwrite, owned=OWNED)
+    from ..models.memory import parse_size
+    from ..models.streamed import choose_engine
+    from ..sparsity.streamed import shard_names
+
+    out = prepare_out_dir(args.save, args.overwrite, owned=OWNED + shard_names(args.save))
     start = time.perf_counter()
     offload = getattr(args, "offload", "none") == "cpu"
+    budget = parse_size(args.max_memory) if getattr(args, "max_memory", None) else None
+    stream, why = choose_engine(args.model, args.dtype, getattr(args, "stream_layers", False),
+                                budget, False)
+    if stream:
+        if args.drop_layers:
+            raise UserError("--drop-layers needs the whole model in memory; drop "
+                            "--stream-layers or raise --max-memory")
+        return _run_streamed(args, out, start, why)
     prunes = args.sparsity > 0 or nm is not None
     needs_calib = prunes and (pruner.stat is not None or
                               "calibration" in allocation_needs(args, args.allocation))
@@ -199,4 +214,41 @@ def run(args) -> int:
     print(f"pruned {args.model} with {record['pruner']} ({args.pattern}, {args.allocation}): "
           f"target {report['target_sparsity']:.4f}, achieved {report['achieved_sparsity']:.4f} "
           f"in {report['seconds']:.1f}s -> {out}")
+    return 0
+
+
+def _run_streamed(args, out, start, why) -> int:
+    """``prune`` with decoder layers read from and written to disk one at a time."""
+    from ..models.streamed import open_streamed
+    from ..runs import write_json
+    from ..sparsity.pruners import get_pruner
+    from ..sparsity.saving import PRUNE_RECORD, prune_record
+    from ..sparsity.streamed import prune_streamed
+
+    if getattr(args, "offload", "none") != "none":
+        raise UserError("--stream-layers already holds one layer at a time; drop --offload")
+    needs = allocation_needs(args, args.allocation)
+    if "calibration" in needs:
+        raise UserError(f"allocation '{args.allocation}' profiles or measures the whole model in "
+                        "memory; with --stream-layers give --profile from `actpat profile "
+                        "--stream-layers` or use another allocation")
+    if why and why != "--stream-layers" and not args.quiet:
+        print(why, file=sys.stderr)
+    sm = open_streamed(args.model, args.dtype, args.trust_remote_code)
+    pruner = get_pruner(args.pruner)
+    samples = load_calibration(args, sm) if pruner.stat is not None else None
+    sparsities, alloc = resolve_allocation(args, args.allocation, sm, samples)
+    report = prune_streamed(sm, None if samples is None else samples.sequences, sparsities, out,
+                            args.pruner, args.pattern, args.batch_size, progress=not args.quiet)
+    record = prune_record(sm, args.pruner, args.pattern, alloc, args.sparsity, report,
+                          None if samples is None else calibration_info(args, samples),
+                          seed=args.seed, dtype=args.dtype, batch_size=args.batch_size,
+                          command="actpat " + " ".join(sys.argv[1:])
+                          if sys.argv[0].endswith("actpat") else None)
+    record["streamed"] = report["streamed"]
+    record["total_seconds"] = round(time.perf_counter() - start, 3)
+    write_json(out / PRUNE_RECORD, record)
+    print(f"pruned {args.model} with {args.pruner} ({args.pattern}, {args.allocation}), "
+          f"streamed: target {report['target_sparsity']:.4f}, achieved "
+          f"{report['achieved_sparsity']:.4f} in {report['seconds']:.1f}s -> {out}")
     return 0

@@ -1,0 +1,234 @@
+"""The layer-streamed engine gives the in-memory results: profile, prune, perplexity, resume."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import actpat.activation.streaming as streaming
+from actpat.activation.profiling import Profile, compute_profile
+from actpat.activation.streaming import profile_streamed
+from actpat.evaluation.evaluate import Corpus, perplexity
+from actpat.evaluation.streamed import perplexity_streamed
+from actpat.models.loading import load_model
+from actpat.models.streamed import open_streamed
+from actpat.sparsity.layerwise import prune_model
+from actpat.sparsity.streamed import prune_streamed
+from tiny import ARCHS
+from tinylm import save_tiny_lm
+
+ROOT = Path(__file__).resolve().parents[1]
+PROSE = ROOT / "actpat" / "probes" / "prose.txt"
+
+
+def _seqs(n, seed=0, lo=4, hi=20):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 97, (int(torch.randint(lo, hi, (1,), generator=g)),),
+                          generator=g).tolist() for _ in range(n)]
+
+
+def _rel_frobenius(a: dict, b: dict) -> float:
+    assert list(a) == list(b)
+    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp(min=1e-30)) for k in a)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream-models")
+    return {arch: save_tiny_lm(root / arch, arch) for arch in ARCHS}
+
+
+def _streamed_maps(model_dir, seqs, run, batch, objective="max-logit", group=None):
+    sm = open_streamed(model_dir)
+    prof = profile_streamed(sm, seqs, run, "key", batch, objective, progress=False, group=group)
+    prof.save(run)
+    return Profile.load(run)
+
+
+# --------------------------------------------------------------------------- profile
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streamed_profile_equals_in_memory(dirs, tmp_path, arch):
+    seqs = _seqs(7)  # unequal lengths: padded batches, a last batch of 1
+    ref = compute_profile(load_model(dirs[arch]), seqs, 3, progress=False)
+    got = _streamed_maps(dirs[arch], seqs, tmp_path / "run", 3)  # one walk for 3 batches
+    assert _rel_frobenius(got.maps, ref.maps) <= 1e-6
+    got = _streamed_maps(dirs[arch], seqs, tmp_path / "run1", 3, group=1)  # a walk per batch
+    assert _rel_frobenius(got.maps, ref.maps) <= 1e-6
+    assert got.layers == ref.layers and got.matrices == ref.matrices
+    assert not (tmp_path / "run" / "stream").exists()  # the scratch state is gone
+
+
+def test_streamed_profile_nll_objective(dirs, tmp_path):
+    seqs = _seqs(5, seed=3)
+    ref = compute_profile(load_model(dirs["llama"]), seqs, 2, objective="nll", progress=False)
+    got = _streamed_maps(dirs["llama"], seqs, tmp_path / "run", 2, objective="nll")
+    assert _rel_frobenius(got.maps, ref.maps) <= 1e-6
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("where,group", [("walk-down", 1), ("walk-down", 2), ("assembly", 2)])
+def test_resume_after_interruption_is_bit_identical(dirs, tmp_path, monkeypatch, where, group):
+    """A run stopped part-way (every write is an atomic rename, so a kill -9 leaves the same
+    state as this exception) and run again gives exactly the uninterrupted profile."""
+    seqs = _seqs(8, seed=5)
+    whole = _streamed_maps(dirs["qwen2"], seqs, tmp_path / "whole", 3, group=group)
+    run = tmp_path / "resumed"
+    calls = {"n": 0}
+    if where == "walk-down":  # stop inside the second walk down, after one layer
+        real = streaming._Store.save_acc
+
+        def save_acc(self, i, sums, cursor):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise _Killed
+            real(self, i, sums, cursor)
+
+        monkeypatch.setattr(streaming._Store, "save_acc", save_acc)
+    else:  # stop after the first layer's maps were written into profile.safetensors.tmp
+        real_unlink = Path.unlink
+
+        def unlink(self, *a, **k):
+            real_unlink(self, *a, **k)
+            if self.name.startswith("acc-"):
+                raise _Killed
+
+        monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(_Killed):
+        _streamed_maps(dirs["qwen2"], seqs, run, 3, group=group)
+    monkeypatch.undo()
+    assert (run / "stream" / "state.json").exists()
+    resumed = _streamed_maps(dirs["qwen2"], seqs, run, 3, group=group)
+    assert resumed.meta["resumed_at_sample"] == (3 * group if where == "walk-down" else 8)
+    for k in whole.maps:
+        assert torch.equal(resumed.maps[k], whole.maps[k]), k
+
+
+def test_state_of_another_profile_is_refused(dirs, tmp_path):
+    from actpat.errors import UserError
+
+    seqs = _seqs(4)
+    (tmp_path / "run" / "stream").mkdir(parents=True)
+    (tmp_path / "run" / "stream" / "state.json").write_text(json.dumps({"key": "other"}))
+    with pytest.raises(UserError, match="different profile"):
+        profile_streamed(open_streamed(dirs["llama"]), seqs, tmp_path / "run", "key", 2,
+                         progress=False)
+
+
+# --------------------------------------------------------------------------- prune, perplexity
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma3_text"])
+@pytest.mark.parametrize("pruner,pattern", [("wanda", "unstructured"),
+                                            ("sparsegpt", "unstructured"),
+                                            ("wanda", "2:4"), ("magnitude", "unstructured")])
+def test_streamed_prune_equals_in_memory(dirs, tmp_path, arch, pruner, pattern):
+    g = torch.Generator().manual_seed(1)
+    calib = torch.randint(2, 97, (6, 16), generator=g).tolist()
+    sparsities = [0.5, 0.5] if pattern == "2:4" else [0.6, 0.3]
+    lm = load_model(dirs[arch])
+    ref = prune_model(lm.model, calib, sparsities, pruner, pattern, batch_size=4, progress=False)
+    got = prune_streamed(open_streamed(dirs[arch]), calib, sparsities, tmp_path / "p", pruner,
+                         pattern, batch_size=4, progress=False)
+    assert [m["achieved"] for m in got["matrices"]] == [m["achieved"] for m in ref["matrices"]]
+    pruned = load_model(str(tmp_path / "p")).model.state_dict()
+    for k, v in lm.model.state_dict().items():
+        assert torch.equal(pruned[k], v), k  # same masks, same SparseGPT updates
+    corpus = Corpus("rand", torch.randint(2, 97, (16 * 9 + 5,), generator=g), "random ids")
+    a = perplexity(lm.model, corpus, 16, limit=7, batch_size=3)
+    b = perplexity_streamed(open_streamed(str(tmp_path / "p")), corpus, 16, limit=7,
+                            batch_size=3, group=6)
+    assert a["ppl"] == b["ppl"] and a["windows"] == b["windows"] == 7
+
+
+@pytest.mark.parametrize("group", [1, 4, 64])
+def test_streamed_perplexity_equals_in_memory(dirs, group):
+    g = torch.Generator().manual_seed(2)
+    corpus = Corpus("rand", torch.randint(2, 97, (20 * 11,), generator=g), "random ids")
+    a = perplexity(load_model(dirs["phi3"]).model, corpus, 20, batch_size=2)
+    b = perplexity_streamed(open_streamed(dirs["phi3"]), corpus, 20, batch_size=2, group=group)
+    assert a["ppl"] == b["ppl"] and b["windows"] == 11
+    assert b["streamed"]["layer_loads"] == 2 * -(-11 // max(2, group // 2 * 2))
+
+
+def test_layers_are_freed_after_use(dirs):
+    sm = open_streamed(dirs["llama"])
+    assert all(p.device.type == "meta" for p in sm.layers.parameters())
+    sm.load_layer(1)
+    assert all(p.device.type == "cpu" for p in sm.layers[1].parameters())
+    sm.free_layer(1)
+    assert all(p.device.type == "meta" for p in sm.layers.parameters())
+    assert sm.model.get_input_embeddings().weight.device.type == "cpu"
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _cli(*args, check=True):
+    r = subprocess.run([sys.executable, "-m", "actpat", *args], capture_output=True, text=True,
+                       cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_commands_stream_and_budget_switch(dirs, tmp_path):
+    model = dirs["llama"]
+    common = ["--dataset", str(PROSE), "--samples", "5", "--seq-len", "24", "--quiet",
+              "--no-cache", "--device", "cpu"]
+    _cli("profile", "--model", model, *common, "--out", str(tmp_path / "mem"))
+    _cli("profile", "--model", model, *common, "--out", str(tmp_path / "flag"), "--stream-layers")
+    r = _cli("profile", "--model", model, *common, "--out", str(tmp_path / "budget"),
+             "--max-memory", "100KB")
+    mem, flag, budget = (Profile.load(tmp_path / d) for d in ("mem", "flag", "budget"))
+    assert _rel_frobenius(flag.maps, mem.maps) <= 1e-6
+    assert "streamed" in budget.meta and "streamed" not in mem.meta
+    for k in flag.maps:
+        assert torch.equal(flag.maps[k], budget.maps[k])
+    prune = ["--model", model, "--sparsity", "0.5", "--calibration", str(PROSE),
+             "--calibration-samples", "4", "--seq-len", "16", "--exclude-first", "0",
+             "--quiet", "--device", "cpu"]
+    _cli("prune", *prune, "--save", str(tmp_path / "p-mem"))
+    _cli("prune", *prune, "--save", str(tmp_path / "p-flag"), "--stream-layers")
+    _cli("prune", *prune, "--save", str(tmp_path / "p-flag"), "--stream-layers")  # re-run: owned
+    a = load_model(str(tmp_path / "p-mem")).model.state_dict()
+    b = load_model(str(tmp_path / "p-flag")).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    record = json.loads((tmp_path / "p-flag" / "actpat_prune.json").read_text())
+    assert record["streamed"]["layer_loads"] == 2 and record["achieved_sparsity"] > 0.45
+
+
+def test_eval_refuses_streamed_zero_shot(dirs):
+    r = _cli("eval", "--model", dirs["llama"], "--tasks", "boolq", "--stream-layers",
+             "--device", "cpu", check=False)
+    assert r.returncode == 2 and "not streamed" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_stream_needs_a_local_checkpoint(tmp_path):
+    from actpat.errors import UserError
+
+    with pytest.raises(UserError, match="safetensors"):
+        open_streamed(str(tmp_path))
+
+
+# --------------------------------------------------------------------------- SmolLM2
+
+
+@pytest.mark.slow
+def test_streamed_profile_equals_in_memory_smollm2(smollm2, tmp_path):
+    from actpat.data.datasets import sample_sequences
+
+    seqs = sample_sequences(smollm2.tokenizer, str(PROSE), 6, 64, 0).sequences
+    ref = compute_profile(smollm2, seqs, 3, progress=False)
+    sm = open_streamed("smollm2-135m")
+    prof = profile_streamed(sm, seqs, tmp_path, "key", 3, progress=False)
+    prof.save(tmp_path)
+    got = Profile.load(tmp_path)
+    assert _rel_frobenius(got.maps, ref.maps) <= 1e-6
