@@ -70,8 +70,8 @@ def compare(args, out: Path, state: dict) -> None:
     import torch
     from scipy.stats import spearmanr
 
-    from actpat.allocation import allocate
-    from actpat.profile import Profile, counts, threshold
+    from actpat.sparsity.allocation import allocate
+    from actpat.activation.profiling import Profile, counts, threshold
 
     f = Profile.load(out / "profile-float32")
     b = Profile.load(out / "profile-bfloat16")
@@ -126,10 +126,10 @@ def prune(args, out: Path, state: dict) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from actpat.calibration import calibration_sequences
-    from actpat.evaluation import load_corpus, perplexity
-    from actpat.models import decoder_layers, load_model, scored_matrices
-    from actpat.pruning import prune_model
+    from actpat.data.calibration import calibration_sequences
+    from actpat.evaluation.evaluate import load_corpus, perplexity
+    from actpat.models.loading import decoder_layers, load_model, scored_matrices
+    from actpat.sparsity.layerwise import prune_model
 
     res = state.setdefault("prune", {})
     corpora = None

@@ -33,12 +33,12 @@ def child(args) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from actpat.calibration import calibration_sequences
-    from actpat.data import sample_sequences
-    from actpat.evaluation import load_corpus, window_nll, zero_shot
-    from actpat.models import load_model
-    from actpat.profile import compute_profile
-    from actpat.pruning import prune_model
+    from actpat.data.calibration import calibration_sequences
+    from actpat.data.datasets import sample_sequences
+    from actpat.evaluation.evaluate import load_corpus, window_nll, zero_shot
+    from actpat.models.loading import load_model
+    from actpat.activation.profiling import compute_profile
+    from actpat.sparsity.layerwise import prune_model
 
     out: dict = {"dtype": args.dtype, "seq_len": args.seq_len}
     t = time.perf_counter()
