@@ -39,7 +39,6 @@ def run(args) -> int:
         raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
     if args.seq_len < 2:
         raise UserError(f"--seq-len must be at least 2 (got {args.seq_len})")
-    require_tasks(tasks, args.data_dir)
     from ..models.memory import parse_size
     from ..models.streamed import choose_engine
 
@@ -47,6 +46,7 @@ def run(args) -> int:
     stream, why = choose_engine(args.model, args.dtype, args.stream_layers, budget, False)
     if stream:
         return _run_streamed(args, tasks, why)
+    require_tasks(tasks, args.data_dir)
     lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     context = getattr(lm.model.config, "max_position_embeddings", None)
     if context and args.seq_len > context and any(t in ("wikitext2", "c4") for t in tasks):
@@ -68,7 +68,7 @@ def _run_streamed(args, tasks, why) -> int:
     """Perplexity with decoder layers read from disk one at a time."""
     import sys
 
-    from ..evaluation.evaluate import PERPLEXITY_SPLITS, format_table, load_corpus
+    from ..evaluation.evaluate import PERPLEXITY_SPLITS, format_table, load_corpus, require_tasks
     from ..evaluation.streamed import perplexity_streamed
     from ..models.streamed import open_streamed
     from ..runs import write_json
@@ -78,6 +78,7 @@ def _run_streamed(args, tasks, why) -> int:
         raise UserError(f"zero-shot tasks ({','.join(shots)}) are not streamed; with "
                         "--stream-layers (or a --max-memory the model exceeds) give "
                         "--tasks wikitext2,c4")
+    require_tasks(tasks, args.data_dir)
     if why and why != "--stream-layers" and not args.quiet:
         print(why, file=sys.stderr)
     sm = open_streamed(args.model, args.dtype, args.trust_remote_code)

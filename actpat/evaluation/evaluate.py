@@ -89,15 +89,10 @@ def text_corpus(tokenizer, name: str, text: str, source: str) -> Corpus:
     return Corpus(name, ids.long(), source, window_bos(tokenizer))
 
 
-@torch.inference_mode()
-def window_nll(model, ids: torch.Tensor, seq_len: int, limit: int | None = None,
-               batch_size: int = 4, progress: bool = False,
-               bos: int | None = None) -> tuple[float, int, int]:
-    """Summed next-token NLL over the first ``limit`` non-overlapping windows of ``ids``.
-
-    With ``bos`` each window is ``bos`` + ``seq_len - 1`` tokens of ``ids``. Returns (sum of
-    NLL, number of windows, number of predicted tokens).
-    """
+def perplexity_windows(ids: torch.Tensor, seq_len: int, limit: int | None = None,
+                       bos: int | None = None) -> torch.Tensor:
+    """The first ``limit`` non-overlapping windows of ``ids``, (windows, seq_len): ``seq_len``
+    tokens each, or ``bos`` + ``seq_len - 1`` tokens when the tokenizer adds BOS."""
     if seq_len < 2:
         raise UserError(f"--seq-len must be at least 2 (got {seq_len})")
     body = seq_len if bos is None else seq_len - 1
@@ -112,6 +107,20 @@ def window_nll(model, ids: torch.Tensor, seq_len: int, limit: int | None = None,
     windows = ids[: n * body].view(n, body)
     if bos is not None:
         windows = torch.cat([torch.full((n, 1), bos, dtype=windows.dtype), windows], dim=1)
+    return windows
+
+
+@torch.inference_mode()
+def window_nll(model, ids: torch.Tensor, seq_len: int, limit: int | None = None,
+               batch_size: int = 4, progress: bool = False,
+               bos: int | None = None) -> tuple[float, int, int]:
+    """Summed next-token NLL over the first ``limit`` non-overlapping windows of ``ids``.
+
+    With ``bos`` each window is ``bos`` + ``seq_len - 1`` tokens of ``ids``. Returns (sum of
+    NLL, number of windows, number of predicted tokens).
+    """
+    windows = perplexity_windows(ids, seq_len, limit, bos)
+    n = windows.shape[0]
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64)
     from tqdm.auto import tqdm

@@ -16,29 +16,20 @@ import time
 
 import torch
 
-from ..errors import UserError
 from ..models.streamed import StreamedModel, call_layer
-from .evaluate import Corpus
+from ..data.datasets import window_start
+from .evaluate import Corpus, perplexity_windows
 
 
 @torch.no_grad()
 def window_nll_streamed(sm: StreamedModel, ids: torch.Tensor, seq_len: int,
                         limit: int | None = None, batch_size: int = 4, group: int = 64,
-                        progress: bool = False) -> tuple[float, int, int]:
+                        progress: bool = False, bos: int | None = None) -> tuple[float, int, int]:
     """``evaluate.window_nll`` on a streamed model: (sum of NLL, windows, predicted tokens)."""
     from tqdm.auto import tqdm
 
-    if seq_len < 2:
-        raise UserError(f"--seq-len must be at least 2 (got {seq_len})")
-    n = ids.numel() // seq_len
-    if n == 0:
-        raise UserError(f"the corpus has {ids.numel()} tokens, fewer than one window of "
-                        f"{seq_len}; lower --seq-len")
-    if limit is not None:
-        if limit < 1:
-            raise UserError(f"--limit must be at least 1 (got {limit})")
-        n = min(n, limit)
-    windows = ids[: n * seq_len].view(n, seq_len)
+    windows = perplexity_windows(ids, seq_len, limit, bos)  # the same windows as in memory
+    n = windows.shape[0]
     group = max(batch_size, group // batch_size * batch_size)  # whole batches per group
     total = torch.zeros((), dtype=torch.float64)
     bar = tqdm(total=n, desc=f"perplexity {seq_len} (streamed)", unit="window",
@@ -73,11 +64,11 @@ def perplexity_streamed(sm: StreamedModel, corpus: Corpus, seq_len: int,
     start = time.perf_counter()
     read0, loads0 = sm.bytes_read, sm.layers_loaded
     total, windows, tokens = window_nll_streamed(sm, corpus.ids, seq_len, limit, batch_size,
-                                                 group, progress)
+                                                 group, progress, corpus.bos)
     nll = total / tokens
     wall = time.perf_counter() - start
     return {"ppl": math.exp(nll), "nll": nll, "seq_len": seq_len, "windows": windows,
-            "tokens_predicted": tokens, "first_token_predicted": False,
+            "tokens_predicted": tokens, "window_start": window_start(corpus.bos),
             "source": corpus.source, "wall_s": round(wall, 2),
             "windows_per_s": round(windows / wall, 4) if wall > 0 else None,
             "streamed": {"layer_loads": sm.layers_loaded - loads0,
