@@ -82,7 +82,7 @@ def allocate(method: str, sparsity: float, counts=None, model=None, calibration_
     tokenizer): OWL's calibration data. ``options``: the allocator's own (``alpha``, ``beta``,
     ``owl_m``, ``owl_lambda``, ``eps``).
     """
-    from .sparsity.allocation import allocate as _allocate
+    from .sparsity.allocators import allocate as _allocate
 
     module = None
     calib = None
@@ -126,7 +126,7 @@ def prune(model, tokenizer=None, calibration_texts: Sequence[str] | None = None,
     if allocation is None:
         allocation = "uniform"
     if isinstance(allocation, str):
-        from .sparsity.allocation import allocate as _allocate
+        from .sparsity.allocators import allocate as _allocate
 
         sparsities = _allocate(allocation, sparsity, counts=counts, model=lm.model,
                                calib_inputs=calib, batch_size=batch_size)

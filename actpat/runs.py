@@ -1,8 +1,11 @@
-"""Run directories and artifacts: refuse to overwrite foreign content, atomic JSON, versions."""
+"""Where actpat writes: run directories (refuse foreign content), atomic JSON, library versions,
+the cache root (``ACTPAT_CACHE_DIR``) and the file hashes that key cache entries."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -44,3 +47,18 @@ def versions() -> dict:
 
     return {"actpat": __version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ACTPAT_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "actpat"
+
+
+def file_hash(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

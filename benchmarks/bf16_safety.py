@@ -70,7 +70,7 @@ def compare(args, out: Path, state: dict) -> None:
     import torch
     from scipy.stats import spearmanr
 
-    from actpat.sparsity.allocation import allocate
+    from actpat.sparsity.allocators import allocate
     from actpat.activation.profiling import Profile, counts, threshold
 
     f = Profile.load(out / "profile-float32")
@@ -128,7 +128,8 @@ def prune(args, out: Path, state: dict) -> None:
     torch.set_num_threads(1)
     from actpat.data.calibration import calibration_sequences
     from actpat.evaluation.evaluate import load_corpus, perplexity
-    from actpat.models.loading import decoder_layers, load_model, scored_matrices
+    from actpat.models.architectures import decoder_layers, scored_matrices
+    from actpat.models.loading import load_model
     from actpat.sparsity.layerwise import prune_model
 
     res = state.setdefault("prune", {})

@@ -60,7 +60,7 @@ def build(shape: dict, dtype, device):
 
 def bench_profile(model, device, batch_sizes, seq_len, steps, vocab):
     from actpat.activation.metric import MeanAccumulator, score_batch
-    from actpat.models.loading import scored_matrices
+    from actpat.models.architectures import scored_matrices
 
     mats = scored_matrices(model)
     rows = []

@@ -110,7 +110,8 @@ def worker(variant: str, seq_len: int, samples: int, seed: int) -> dict:
     import torch
 
     from actpat.data.datasets import sample_sequences
-    from actpat.models.loading import load_model, scored_matrices
+    from actpat.models.architectures import scored_matrices
+    from actpat.models.loading import load_model
     from actpat.activation.profiling import compute_profile
 
     lm = load_model("smollm2-135m", "cpu", "float32")

@@ -35,7 +35,8 @@ def make(out: Path, layers: int, hidden: int, intermediate: int, heads: int, kv_
     from accelerate import init_empty_weights
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from actpat.models.loading import gguf_to_safetensors, resolve_spec
+    from actpat.models.gguf_cache import gguf_to_safetensors
+    from actpat.models.loading import resolve_spec
     from actpat.models.streamed import INDEX_FILE, write_safetensors
 
     tok_dir, _ = gguf_to_safetensors(resolve_spec("smollm2-135m"))

@@ -86,7 +86,7 @@ def pytest_unconfigure(config):
 def isolated_caches():
     """Every cache under one temporary folder (set at import, checked here for every session)."""
     _isolate()
-    from actpat.models.loading import cache_dir
+    from actpat.runs import cache_dir
 
     assert cache_dir() == CACHE_ENV["ACTPAT_CACHE_DIR"]
     yield dict(CACHE_ENV)

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from actpat.sparsity.allocation import (ALLOCATORS, activation_formula, allocate, alphapruning_formula,
-                               check_profile, fix_mean, hill_alpha, model_layer_sizes,
-                               owl_formula, MAX_SPARSITY)
+from actpat.sparsity.allocation import (MAX_SPARSITY, activation_formula, alphapruning_formula,
+                                        fix_mean, hill_alpha, model_layer_sizes, owl_formula)
+from actpat.sparsity.allocators import ALLOCATORS, allocate, check_profile
 from actpat.cli import main
 from actpat.errors import UserError
-from actpat.models.loading import LoadedModel, scored_matrices
+from actpat.models.architectures import scored_matrices
+from actpat.models.loading import LoadedModel
 from actpat.activation.profiling import Profile
 from helpers import calib as _calib
 from helpers import fail

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from actpat.cli import main
-from actpat.sparsity.allocation import ALLOCATORS
+from actpat.sparsity.allocators import ALLOCATORS
 from actpat.sparsity.allocators_2025 import atp_schedule
 from helpers import fail
 

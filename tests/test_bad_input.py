@@ -204,7 +204,8 @@ def test_damaged_cache_entry_is_rebuilt_not_reused(tmp_path, monkeypatch):
     """A dequantised entry whose files do not match its record is rebuilt; a good one is kept."""
     import torch
 
-    from actpat.models.loading import _smollm2_gguf, gguf_to_safetensors
+    from actpat.models.gguf_cache import gguf_to_safetensors
+    from actpat.models.loading import _smollm2_gguf
 
     monkeypatch.setenv("ACTPAT_CACHE_DIR", str(tmp_path / "cache"))
     try:

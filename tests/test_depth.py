@@ -10,7 +10,7 @@ from actpat.sparsity.depth import (activation_scores, block_influence, choose_la
                           equivalent_sparsity, lowest_layers, remove_layers, removal_order,
                           search_layers, without_layers)
 from actpat.errors import UserError
-from actpat.models.loading import decoder_layers, get_adapter
+from actpat.models.architectures import decoder_layers, get_adapter
 from actpat.activation.profiling import Profile
 from tiny import ARCHS, VOCAB, _configs
 
@@ -377,7 +377,7 @@ def test_cli_search_then_wanda_on_the_kept_layers(tmp_path, any_data, capsys):
     from transformers import AutoModelForCausalLM
 
     from actpat.cli import main
-    from actpat.models.loading import scored_matrices
+    from actpat.models.architectures import scored_matrices
     from actpat.sparsity.saving import load_record
     from helpers import fail
 

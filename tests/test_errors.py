@@ -339,7 +339,7 @@ def test_trust_remote_code_runs_the_models_own_code(capsys, work, tmp_path, monk
 
     from tinylm import save_remote_code_lm
 
-    from actpat.models.loading import ADAPTERS, LLAMA_LIKE
+    from actpat.models.architectures import ADAPTERS, LLAMA_LIKE
 
     # the remote model keeps its own model type: it is registered the documented way
     ADAPTERS.add("actpat_remote_test", LLAMA_LIKE)

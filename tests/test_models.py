@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from actpat.errors import UserError
-from actpat.models.loading import load_model, scored_matrices
+from actpat.models.architectures import scored_matrices
+from actpat.models.loading import load_model
 from actpat.activation.profiling import Profile, compute_profile
 from helpers import LM
 from reference import decoder_layer_list, linear_modules

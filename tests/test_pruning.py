@@ -10,7 +10,7 @@ import torch
 from actpat.data.calibration import calibration_sequences
 from actpat.cli import main
 from actpat.errors import UserError
-from actpat.models.loading import decoder_layers, scored_matrices
+from actpat.models.architectures import decoder_layers, scored_matrices
 from actpat.sparsity.layerwise import capture_layer_inputs, prune_model
 from actpat.sparsity.masks import nm_mask, parse_pattern, row_mask
 from actpat.sparsity.pruners import sparsegpt_prune

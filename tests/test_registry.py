@@ -12,7 +12,8 @@ from tinylm import save_tiny_lm
 from actpat.cli import main
 from actpat.errors import UserError
 from actpat.registry import Registry
-from actpat.sparsity.allocation import ALLOCATORS, Option, register_allocator
+from actpat.sparsity.allocation import Option, register_allocator
+from actpat.sparsity.allocators import ALLOCATORS
 
 
 def test_registry_refuses_duplicates_and_names_what_exists():

@@ -364,7 +364,7 @@ def test_offloaded_pruning_equals_plain_pruning(arch, pruner):
     a, b = plain.state_dict(), offloaded.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any((v == 0).float().mean() > 0.2 for v in b.values())  # it did prune
-    from actpat.models.loading import decoder_layers
+    from actpat.models.architectures import decoder_layers
 
     assert not any(layer._forward_pre_hooks for layer in decoder_layers(offloaded))
 

@@ -33,7 +33,7 @@ def _fingerprint_file(path: Path, memo_dir: Path) -> str:
     memo = memo_dir / tag[:32]
     if memo.exists():
         return memo.read_text().strip()
-    from ..models.loading import file_hash
+    from ..runs import file_hash
 
     digest = file_hash(path)
     memo_dir.mkdir(parents=True, exist_ok=True)
@@ -49,7 +49,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 def model_fingerprint(identity: dict, config=None) -> str:
     """What identifies the weights: the GGUF's sha256, a hash of a local directory's weight and
     config files, or the hub commit the weights were loaded from."""
-    from ..models.loading import cache_dir
+    from ..runs import cache_dir
 
     if identity.get("sha256"):
         return "sha256:" + identity["sha256"]
@@ -92,7 +92,7 @@ class ProfileCache:
     """Index key -> run directory of a finished profile (``<cache>/profiles/index.json``)."""
 
     def __init__(self, root: str | Path | None = None):
-        from ..models.loading import cache_dir
+        from ..runs import cache_dir
 
         self.root = Path(root) if root is not None else cache_dir() / "profiles"
         self.index = self.root / "index.json"

@@ -27,7 +27,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ..models.loading import ScoredMatrix, scored_matrices
+from ..models.architectures import ScoredMatrix, scored_matrices
 from ..registry import Registry
 
 # --------------------------------------------------------------------------- objectives

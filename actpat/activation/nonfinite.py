@@ -19,7 +19,7 @@ class NonFiniteWatch:
     """Context manager: ``first`` is the name of the first module with a non-finite output."""
 
     def __init__(self, model: nn.Module, dtype: str | None = None) -> None:
-        from ..models.loading import decoder_layers, get_adapter, scored_matrices
+        from ..models.architectures import decoder_layers, get_adapter, scored_matrices
 
         self.first: str | None = None
         self.dtype = dtype

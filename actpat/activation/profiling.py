@@ -26,7 +26,8 @@ from ..version import __version__
 from ..errors import UserError
 from ..runs import versions, write_json
 from .metric import MeanAccumulator, pad_batch, score_batch
-from ..models.loading import LoadedModel, scored_matrices
+from ..models.architectures import scored_matrices
+from ..models.loading import LoadedModel
 
 PROFILE_FILE = "profile.safetensors"
 SUMMARY_FILE = "summary.json"

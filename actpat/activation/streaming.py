@@ -43,7 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..errors import UserError
-from ..models.loading import scored_matrices
+from ..models.architectures import scored_matrices
 from ..models.streamed import StreamedModel, call_layer, write_safetensors
 from ..runs import versions, write_json
 from ..version import __version__

@@ -50,7 +50,8 @@ import torch
 
 from ..activation.metric import pad_batch, score_batch
 from ..errors import UserError
-from ..models.loading import LoadedModel, ScoredMatrix, scored_matrices
+from ..models.architectures import ScoredMatrix, scored_matrices
+from ..models.loading import LoadedModel
 
 
 # --------------------------------------------------------------------------- the sink

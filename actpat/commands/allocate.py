@@ -11,7 +11,7 @@ HELP = "compute per-layer sparsities (an allocator: uniform, activation, owl, ..
 def add_allocation_arguments(p, method_flag: str = "--method", default: str = "uniform") -> None:
     """Options shared by `allocate` and `prune`: the allocator and what it needs, read from the
     allocator registry (one flag per allocator option; the counts flags when one needs counts)."""
-    from ..sparsity.allocation import ALLOCATORS
+    from ..sparsity.allocators import ALLOCATORS
 
     p.add_argument(method_flag, default=default, choices=sorted(ALLOCATORS),
                    help=f"layer-wise allocation (default {default})")
@@ -36,7 +36,7 @@ def add_allocation_arguments(p, method_flag: str = "--method", default: str = "u
 def allocation_needs(args, method: str) -> set[str]:
     """What the chosen allocator needs loaded: "model", "calibration" (counts without --profile
     are profiled on the calibration data)."""
-    from ..sparsity.allocation import ALLOCATORS
+    from ..sparsity.allocators import ALLOCATORS
 
     needs = set(ALLOCATORS.get(method).needs)
     if "held" in needs:
@@ -61,7 +61,7 @@ def add_calibration_arguments(p) -> None:
 
 def held_count(args, method: str) -> int:
     """How many held-apart calibration windows the allocator ``method`` needs (0: none)."""
-    from ..sparsity.allocation import ALLOCATORS
+    from ..sparsity.allocators import ALLOCATORS
 
     if "held" not in ALLOCATORS.get(method).needs:
         return 0
@@ -112,7 +112,7 @@ def resolve_allocation(args, method: str, lm=None, samples=None,
                        held=None) -> tuple[list[float], dict]:
     """(S_i, info) for the parsed options; ``lm``/``samples`` when a model is at hand;
     ``held``: the held-apart calibration windows (``split_held``) when the allocator needs them."""
-    from ..sparsity.allocation import ALLOCATORS, allocation_with_record
+    from ..sparsity.allocators import ALLOCATORS, allocation_with_record
 
     options = {o.name: getattr(args, o.name) for o in ALLOCATORS.get(method).options}
     s, info = allocation_with_record(
@@ -141,7 +141,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..runs import write_json
-    from ..sparsity.allocation import ALLOCATORS
+    from ..sparsity.allocators import ALLOCATORS
     from ..sparsity.allocation_search import split_held
     from ..sparsity.masks import validate_sparsity
 

@@ -77,9 +77,9 @@ def _depth_needs(args) -> set[str]:
 def _remove_layers(args, lm, samples, held_apart) -> tuple[dict, object]:
     """Choose and remove --drop-layers layers; returns (the record's "depth", the dense
     model's activation Counts or None)."""
-    from ..sparsity.allocation import activation_counts
+    from ..sparsity.allocators import activation_counts
     from ..sparsity.depth import check_drop, choose_layers, remove_layers
-    from ..models.loading import decoder_layers
+    from ..models.architectures import decoder_layers
 
     check_drop(args.drop_layers, len(decoder_layers(lm.model)))
     counts = source = None
@@ -103,7 +103,7 @@ def _remove_layers(args, lm, samples, held_apart) -> tuple[dict, object]:
 
 def _kept_allocation(args, counts, kept: list[int]) -> tuple[list[float], dict]:
     """S_i of the kept layers by a counts allocator: the dense model's N_i of those layers."""
-    from ..sparsity.allocation import ALLOCATORS, allocate
+    from ..sparsity.allocators import ALLOCATORS, allocate
 
     options = {o.name: getattr(args, o.name) for o in ALLOCATORS.get(args.allocation).options}
     s = allocate(args.allocation, args.sparsity, counts=[counts.layer_counts[i] for i in kept],
@@ -177,7 +177,7 @@ def run(args) -> int:
                 indices=samples.indices[:args.calibration_samples])
     depth, counts = (_remove_layers(args, lm, samples, held_apart) if args.drop_layers
                      else (None, None))
-    from ..sparsity.allocation import ALLOCATORS
+    from ..sparsity.allocators import ALLOCATORS
 
     if depth and counts is not None and "counts" in ALLOCATORS.get(args.allocation).needs:
         sparsities, alloc = _kept_allocation(args, counts, depth["kept"])

@@ -134,7 +134,7 @@ def _pruning(args) -> int:
     if args.experiment == "table1":
         seeded = tuple(a.strip() for a in args.seeded_allocations.split(",") if a.strip())
         allocations = tuple(a.strip() for a in args.allocations.split(",") if a.strip())
-        from ..sparsity.allocation import ALLOCATORS
+        from ..sparsity.allocators import ALLOCATORS
 
         for flag, names in (("seeded-allocations", seeded), ("allocations", allocations)):
             bad = [a for a in names if a not in ALLOCATORS]

@@ -271,7 +271,7 @@ def _counts_profile(ctx: DemoContext) -> Path:
 def step_allocation(ctx: DemoContext) -> str | None:
     from ..outputs.plots import plot_allocation
     from ..runs import write_json
-    from ..sparsity.allocation import allocation_with_record
+    from ..sparsity.allocators import allocation_with_record
 
     out = ctx.out / "allocation"
     out.mkdir(parents=True, exist_ok=True)
@@ -295,7 +295,7 @@ def _calibration(ctx: DemoContext, tokenizer):
 
 
 def step_prune(ctx: DemoContext) -> str | None:
-    from ..sparsity.allocation import allocation_with_record
+    from ..sparsity.allocators import allocation_with_record
     from ..sparsity.layerwise import prune_model
     from ..sparsity.saving import PRUNE_RECORD, prune_record, save_pruned
 

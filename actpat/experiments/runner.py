@@ -57,7 +57,7 @@ def _activation_counts(ctx: PlanState, lm):
     set (so every activation row of a run shares the same N_i, in whatever order rows run)."""
     if ctx.counts is not None:
         return ctx.counts
-    from ..sparsity.allocation import activation_counts
+    from ..sparsity.allocators import activation_counts
     from ..activation.profiling import PROFILE_FILE, compute_profile
 
     s = ctx.settings
@@ -84,8 +84,8 @@ def layer_sparsities(ctx: PlanState, lm, cfg: Config, calib,
     """S_i for ``cfg`` and what they were computed from (``held``: held-apart calibration
     windows, for allocators that need them; a resumable search keeps its state in
     ``<out>/allocation-state/<name>.json``)."""
-    from ..models.loading import decoder_layers
-    from ..sparsity.allocation import ALLOCATORS, allocate
+    from ..models.architectures import decoder_layers
+    from ..sparsity.allocators import ALLOCATORS, allocate
 
     if cfg.pattern != "unstructured":
         n = len(decoder_layers(lm.model))
@@ -112,7 +112,7 @@ def layer_sparsities(ctx: PlanState, lm, cfg: Config, calib,
 def run_config(ctx: PlanState, cfg: Config) -> dict:
     """Prune a fresh model as ``cfg`` says, evaluate it, return the result record."""
     from ..runs import versions
-    from ..sparsity.allocation import ALLOCATORS
+    from ..sparsity.allocators import ALLOCATORS
     from ..sparsity.allocation_search import DEFAULT_HELD, split_held
     from ..sparsity.layerwise import prune_model
     from ..sparsity.pruners import get_pruner

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.loading import LoadedModel, ScoredMatrix
+from ..models.architectures import ScoredMatrix
+from ..models.loading import LoadedModel
 
 FINDING2_DATASETS = ("boolq", "mmlu", "humaneval", "siqa", "hellaswag", "c4", "wikitext2")
 CHECKPOINT = "checkpoint.jsonl"
@@ -91,7 +92,7 @@ def reproduce_similarity(lm: LoadedModel, out, datasets=FINDING2_DATASETS, pairs
     from tqdm.auto import tqdm
 
     from ..data.datasets import sample_sequences
-    from ..models.loading import scored_matrices
+    from ..models.architectures import scored_matrices
     from ..outputs.artifacts import write_similarity
     from ..runs import versions
     from ..analysis.similarity import (comparison_json, group_batches, group_comparisons, score_grams,

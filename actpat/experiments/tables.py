@@ -181,7 +181,7 @@ def table_markdown(results: list[dict], tasks_ppl=PPL, tasks_zs=ZERO_SHOT) -> st
     """Markdown tables: perplexity rows, then zero-shot rows (only rows that have them)."""
     rows = summarize(results)
     order = {"dense": 0, "magnitude": 1, "wanda": 2, "sparsegpt": 3}
-    from ..sparsity.allocation import ALLOCATORS
+    from ..sparsity.allocators import ALLOCATORS
 
     alloc = {"-": 0, **{name: i + 1 for i, name in enumerate(ALLOCATORS)}}
     rows.sort(key=lambda r: (r["level"] if r["level"] != "-" else "", order.get(r["pruner"], 9),

@@ -54,7 +54,9 @@ def load_dispatched(spec: str, dtype: str = "float32", max_memory: str | None = 
     """Load ``spec`` (alias, .gguf, directory, hub id) dispatched over GPU / CPU / disk."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .loading import LoadedModel, get_adapter, gguf_to_safetensors, parse_dtype, resolve_spec
+    from .architectures import get_adapter
+    from .gguf_cache import gguf_to_safetensors
+    from .loading import LoadedModel, parse_dtype, resolve_spec
 
     resolved = resolve_spec(spec)
     identity = {"spec": spec, "path": resolved}
@@ -121,7 +123,7 @@ class LayerOffload:
     """
 
     def __init__(self, model, device: torch.device | str, offload_device: str = "cpu"):
-        from .loading import decoder_layers
+        from .architectures import decoder_layers
 
         self.layers = list(decoder_layers(model))
         self.device = torch.device(device)

@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .loading import (LoadedModel, decoder_layers, get_adapter, gguf_to_safetensors,
-                      parse_dtype, resolve_spec)
+from .architectures import decoder_layers, get_adapter
+from .gguf_cache import gguf_to_safetensors
+from .loading import LoadedModel, parse_dtype, resolve_spec
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -34,6 +34,8 @@ brings the weighted mean to S, values are clipped into [0, MAX_SPARSITY] and the
 redistributed over the unclipped layers (repeating until nothing moves).
 Adding an allocator is one ``@register_allocator(name, needs=..., options=...)`` function;
 ``actpat allocate --method`` / ``actpat prune --allocation`` and their flags follow from it.
+This module holds the registry and the paper's allocators; ``sparsity.allocators`` imports it
+and the 2025 allocators and the search, and runs any of them by name (``allocate``).
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ import numpy as np
 
 from ..errors import UserError
 from ..registry import Registry
-from .masks import validate_sparsity
 
 MAX_SPARSITY = 0.999  # the largest S_i any allocator returns (S_i < 1: a layer keeps weights)
 
@@ -114,33 +115,9 @@ def fix_mean(values, sparsity: float, sizes: list[int] | None = None,
     return [float(x) for x in v]
 
 
-def allocate(method: str, sparsity: float, *, counts=None, layer_sizes: list[int] | None = None,
-             model=None, calib_inputs=None, **kw) -> list[float]:
-    """S_i per decoder layer for target ``sparsity`` by the allocator ``method``.
-
-    ``counts``: the activated-weight counts N_i (``activation``): a list, or the ``Counts`` of
-    ``activation.profiling.counts`` (its ``scored_per_layer`` then gives the layer sizes).
-    ``layer_sizes``: scored weights per layer (taken from ``model`` when omitted and a model is
-    given). ``model`` and ``calib_inputs`` (equal-length token sequences): needed by ``owl`` (and
-    ``model`` by ``alphapruning``). Extra keywords are the allocator's options (``alpha``,
-    ``beta``, ``owl_m``, ``owl_lambda``, ``eps``) or ``batch_size``, ``progress``, ``num_layers``.
-    """
-    entry = ALLOCATORS.get(method)
-    sparsity = validate_sparsity(sparsity)
-    if hasattr(counts, "layer_counts"):
-        layer_sizes = layer_sizes or counts.scored_per_layer
-        counts = counts.layer_counts
-    if layer_sizes is None and model is not None:
-        layer_sizes = model_layer_sizes(model)
-    options = {o.name: kw.pop(o.name, o.default) for o in entry.options}
-    out = entry.fn(sparsity, counts=counts, layer_sizes=layer_sizes, model=model,
-                   calib_inputs=calib_inputs, **options, **kw)
-    return fix_mean(out, sparsity, layer_sizes)
-
-
 def model_layer_sizes(model) -> list[int]:
     """Number of scored weights in each decoder layer."""
-    from ..models.loading import scored_matrices
+    from ..models.architectures import scored_matrices
 
     sizes: dict[int, int] = {}
     for m in scored_matrices(model):
@@ -153,7 +130,7 @@ def _num_layers(counts, layer_sizes, model, kw) -> int:
         if x is not None:
             return len(x)
     if model is not None:
-        from ..models.loading import decoder_layers
+        from ..models.architectures import decoder_layers
 
         return len(decoder_layers(model))
     if kw.get("num_layers"):
@@ -214,7 +191,7 @@ def owl(sparsity, *, model=None, calib_inputs=None, owl_m=5.0, owl_lambda=0.08,
     if model is None or calib_inputs is None:
         raise UserError("the owl allocation needs the model and calibration data (Wanda "
                         "scores): give --model and --calibration")
-    from ..models.loading import scored_matrices
+    from ..models.architectures import scored_matrices
     from .layerwise import collect_input_norms
 
     norms = collect_input_norms(model, calib_inputs, batch_size=batch_size, progress=progress)
@@ -287,7 +264,7 @@ def alphapruning_formula(block_alphas, sparsity: float, eps: float = 0.3,
 def alphapruning(sparsity, *, model=None, layer_sizes=None, eps=0.3, **kw) -> list[float]:
     if model is None:
         raise UserError("the alphapruning allocation needs the model's weights: give --model")
-    from ..models.loading import scored_matrices
+    from ..models.architectures import scored_matrices
 
     per_layer: dict[int, list[float]] = {}
     for sm in scored_matrices(model):
@@ -297,103 +274,3 @@ def alphapruning(sparsity, *, model=None, layer_sizes=None, eps=0.3, **kw) -> li
         raise UserError("alphapruning could not fit the spectrum of some layer; use another "
                         "allocation")
     return alphapruning_formula(block, sparsity, eps, layer_sizes or model_layer_sizes(model))
-
-
-# --------------------------------------------------------------------------- counts from profiles
-
-
-def check_profile(profile, lm) -> None:
-    """UserError unless ``profile`` was computed on ``lm``'s weights (identity and modules)."""
-    from ..models.loading import scored_matrices
-
-    theirs = profile.meta.get("model") or {}
-    ours = lm.identity or {}
-    if theirs.get("sha256") and ours.get("sha256"):
-        same = theirs["sha256"] == ours["sha256"]
-    elif theirs.get("path") and ours.get("path"):
-        same = str(theirs["path"]).rstrip("/") == str(ours["path"]).rstrip("/")
-    else:
-        same = True  # nothing recorded to compare: fall back to the module check
-    shapes = {m.name: tuple(m.module.weight.shape) for m in scored_matrices(lm.model)}
-    theirs_shapes = {k: tuple(v.shape) for k, v in profile.maps.items()}
-    if not same or shapes != theirs_shapes:
-        raise UserError(f"the profile was computed on model '{theirs.get('spec', '?')}', not on "
-                        f"'{ours.get('spec', '?')}' (different weights or modules); profile this "
-                        "model with `actpat profile` or drop --profile")
-
-
-def activation_counts(*, profile_dir=None, lm=None, calib_sequences=None, gamma=None,
-                      gamma_quantile=None, batch_size: int = 4, progress: bool = False,
-                      meta: dict | None = None):
-    """The N_i for the ``activation`` allocator: from a saved profile (checked against ``lm``
-    when given) or by profiling ``calib_sequences`` on ``lm`` now. gamma defaults to the
-    0.1 quantile (10% of all scored weights count as activated). Returns (Counts, info)."""
-    from ..activation.profiling import Profile, compute_profile, counts
-
-    if gamma is None and gamma_quantile is None:
-        gamma_quantile = 0.1
-    if profile_dir is not None:
-        profile = Profile.load(profile_dir)
-        if lm is not None:
-            check_profile(profile, lm)
-        source = {"profile": str(profile_dir), "dataset": profile.meta.get("dataset"),
-                  "samples": profile.meta.get("samples")}
-    else:
-        if lm is None or calib_sequences is None:
-            raise UserError("the activation allocation needs counts: give --profile RUN, or "
-                            "--model (the calibration data is then profiled)")
-        profile = compute_profile(lm, calib_sequences, batch_size, meta=meta, progress=progress)
-        source = {"profile": "computed on the calibration data", "samples": len(calib_sequences)}
-    c = counts(profile, gamma, gamma_quantile)
-    source.update(gamma=c.gamma, gamma_rule=c.gamma_rule, counts=c.layer_counts)
-    return c, source
-
-
-def allocation_with_record(method: str, sparsity: float, *, lm=None, calib_sequences=None,
-                           profile_dir=None, gamma=None, gamma_quantile=None,
-                           options: dict | None = None, profile_samples: int = 64,
-                           batch_size: int = 8, progress: bool = False, held_sequences=None,
-                           state_path=None) -> tuple[list[float], dict]:
-    """(S_i, the record ``actpat allocate --json`` writes) for allocator ``method``.
-
-    ``lm``: the loaded model when at hand; ``calib_sequences``: calibration windows (the first
-    ``profile_samples`` are profiled for counts when no ``profile_dir`` is given); ``options``:
-    the allocator's options (defaults for the missing ones); ``held_sequences``: held-apart
-    calibration windows (allocators that need ``"held"``); ``state_path``: where a resumable
-    allocator (``search``) keeps its state. The allocator may add what it chose to the record.
-    """
-    entry = ALLOCATORS.get(method)
-    sparsity = validate_sparsity(sparsity)
-    options = options or {}
-    kw = {o.name: options.get(o.name, o.default) for o in entry.options}
-    info = {"method": method, "sparsity": sparsity, **kw}
-    if "counts" in entry.needs:
-        seqs = None if calib_sequences is None else calib_sequences[:profile_samples]
-        c, src = activation_counts(profile_dir=profile_dir, lm=lm, calib_sequences=seqs,
-                                   gamma=gamma, gamma_quantile=gamma_quantile, progress=progress)
-        info["counts"] = src
-        kw.update(counts=c.layer_counts, layer_sizes=c.scored_per_layer)
-    if "calibration" in entry.needs:
-        kw.update(batch_size=batch_size, progress=progress)
-    if "held" in entry.needs:
-        if not held_sequences:
-            raise UserError(f"the {method} allocation needs held-apart calibration windows: "
-                            "give --held-windows of at least 1")
-        kw.update(held_inputs=held_sequences, search_state=state_path)
-    if entry.needs & {"model", "calibration"} and lm is None:
-        raise UserError(f"the {method} allocation needs the model: give --model")
-    if not entry.needs and lm is None and profile_dir is None:
-        raise UserError(f"the {method} allocation needs the layer count: give --model or "
-                        "--profile")
-    if not entry.needs and lm is None:
-        from ..activation.profiling import Profile
-
-        kw["num_layers"] = Profile.load(profile_dir).num_layers
-    s = allocate(method, sparsity, model=None if lm is None else lm.model,
-                 calib_inputs=calib_sequences, info=info, **kw)
-    info["layer_sparsities"] = s
-    return s, info
-
-
-# the 2025 allocators and the search register themselves (they import from this module)
-from . import allocation_search, allocators_2025  # noqa: E402,F401

@@ -230,7 +230,7 @@ class MaskScorer:
                  progress: bool = False):
         import torch
 
-        from ..models.loading import decoder_layers, scored_matrices
+        from ..models.architectures import decoder_layers, scored_matrices
         from .layerwise import capture_layer_inputs
         from .pruners import wanda_scores
 

@@ -29,7 +29,7 @@
   score (least important, the paper's reading) are pruned most. alpha = 0.15 is the authors'
   default. The median is torch's (the lower of the two middle values for an even count).
 
-Both return S_i whose plain mean is S (equal sizes); ``actpat.sparsity.allocation.allocate``
+Both return S_i whose plain mean is S (equal sizes); ``actpat.sparsity.allocators.allocate``
 then applies ``fix_mean`` (weighted mean S, bounds), which leaves a legal ATP schedule unchanged.
 Each is one registered allocator (``atp``, ``dlp``) at the end of this module.
 """
@@ -140,7 +140,7 @@ def layer_median_scores(model, calib_inputs, batch_size: int = 8,
     norms from a dense sequential pass over ``calib_inputs``."""
     import torch
 
-    from ..models.loading import scored_matrices
+    from ..models.architectures import scored_matrices
     from .layerwise import collect_input_norms
 
     norms = collect_input_norms(model, calib_inputs, batch_size=batch_size, progress=progress)
@@ -166,7 +166,7 @@ def atp_allocation(sparsity, *, model=None, calib_inputs=None, held_inputs=None,
         raise UserError("the atp allocation needs the model, calibration data and held-apart "
                         "calibration windows: give --model and --calibration")
     from .allocation_search import MaskScorer
-    from ..models.loading import decoder_layers
+    from ..models.architectures import decoder_layers
 
     n = len(decoder_layers(model))
     with MaskScorer(model, calib_inputs, held_inputs, [sparsity] * n, metric="ppl",

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models.loading import decoder_layers, get_adapter
+from ..models.architectures import decoder_layers, get_adapter
 
 LAYER_SCORES = ("activation", "block-influence", "search")
 SEARCH_OBJECTIVES = ("kl", "ppl")
@@ -347,7 +347,7 @@ def removed_parameters(model: nn.Module, drop: Sequence[int]) -> int:
 def equivalent_sparsity(model: nn.Module, drop: Sequence[int]) -> float:
     """The unstructured sparsity of the scored matrices that removes as many weights as
     removing the ``drop`` layers' scored matrices does (k / L when layers are equal)."""
-    from ..models.loading import scored_matrices
+    from ..models.architectures import scored_matrices
 
     mats = scored_matrices(model)
     total = sum(m.module.weight.numel() for m in mats)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models.loading import ScoredMatrix, decoder_layers, scored_matrices
+from ..models.architectures import ScoredMatrix, decoder_layers, scored_matrices
 from .masks import parse_pattern, validate_sparsity
 from .pruners import get_pruner
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..models.loading import scored_matrices
+from ..models.architectures import scored_matrices
 from ..models.streamed import INDEX_FILE, StreamedModel, write_safetensors
 from .layerwise import _InputStats, _set_weight, capture_layer_inputs
 from .masks import parse_pattern, validate_sparsity
