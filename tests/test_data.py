@@ -80,3 +80,44 @@ def test_bad_data_input(tmp_path, data_dir):
     (tmp_path / "f.jsonl").write_text('{"a": 1}\n')
     with pytest.raises(UserError, match="no field 'text'"):
         sample_sequences(TOK, str(tmp_path / "f.jsonl"), 1)
+
+
+GOLD_ROWS = {  # a fixed local row of each task, and the answer text lm-eval scores as right
+    "boolq": ({"passage": "p", "question": "q", "answer": True}, " yes"),
+    "piqa": ({"goal": "g", "sol1": "first", "sol2": "second", "label": 1}, " second"),
+    "siqa": ({"context": "c", "question": "q", "answerA": "a", "answerB": "b", "answerC": "c3",
+              "label": "2"}, " b"),
+    "hellaswag": ({"activity_label": "x", "ctx": "y", "endings": ["e0", "e1", "e2", "e3"],
+                   "label": "3"}, " e3"),
+    "mmlu": ({"subject": "s", "question": "q", "choices": ["w", "x", "y", "z"], "answer": 2},
+             " C"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLD_ROWS))
+def test_calibration_answer_is_the_tasks_gold_choice(name):
+    """QA calibration appends the very choice the zero-shot task scores as correct."""
+    from actpat.data.datasets import gold_answer
+    from actpat.evaluation.tasks import TASKS
+
+    row, expected = GOLD_ROWS[name]
+    assert gold_answer(name, row) == expected
+    cfg = TASKS[name].local_config("unused.jsonl")
+    if "process_docs" in cfg:  # hellaswag: lm-eval reads the fields process_docs builds
+        from datasets import Dataset
+
+        doc = cfg["process_docs"](Dataset.from_list([row]))[0]
+        choices, gold = doc["choices"], int(doc["gold"])
+    else:
+        choices, gold = cfg["doc_to_choice"](row), cfg["doc_to_target"](row)
+    assert " " + choices[gold] == expected
+
+
+def test_gold_answer_of_generation_sets_and_broken_rows():
+    from actpat.data.datasets import gold_answer
+
+    assert gold_answer("gsm8k", {"question": "q", "answer": "4"}) == " 4"
+    assert gold_answer("humaneval", {"prompt": "def f():", "canonical_solution": "  return 1"}) \
+        == "  return 1"
+    assert gold_answer("piqa", {"goal": "g"}) == ""  # no label: no answer, no crash
+    assert gold_answer("c4", {"text": "t"}) == ""

@@ -72,3 +72,48 @@ def test_allocator_from_outside_through_actpat_prune(tmp_path, tilted, capsys):
               "--save", str(tmp_path / "x")])
     assert exit_.value.code == 2
     assert "invalid choice: 'tilt'" in capsys.readouterr().err
+
+
+@pytest.fixture
+def arc_easy_from_the_docs():
+    """Runs docs/architecture.md's dataset-with-task example as written, then takes it out."""
+    import re
+    from pathlib import Path
+
+    from actpat.data.datasets import CHOICES, DATASETS, GOLD, PROMPTS
+    from actpat.evaluation.tasks import TASKS
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    block = re.search(r"\*\*A dataset with its zero-shot task\*\*.*?```python\n(.*?)```", doc,
+                      re.S).group(1)
+    exec(compile(block, "docs/architecture.md", "exec"), {})
+    yield
+    for table in (PROMPTS, CHOICES, GOLD):
+        table.pop("arc_easy")
+    DATASETS.remove("arc_easy")
+    TASKS.remove("arc_easy")
+
+
+def test_dataset_and_task_from_the_docs_evaluate_and_calibrate(tmp_path, arc_easy_from_the_docs):
+    from tiny import tiny_model
+    from tinylm import char_tokenizer
+
+    from actpat.data.calibration import calibration_sequences
+    from actpat.evaluation.evaluate import zero_shot
+
+    rows = [{"question": f"Which {i}?", "answerKey": "B",
+             "choices": {"text": [f"wrong {i}", f"right {i}"], "label": ["A", "B"]}}
+            for i in range(6)]
+    (tmp_path / "arc_easy").mkdir()
+    (tmp_path / "arc_easy" / "validation.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows))
+    model, tok = tiny_model("llama"), char_tokenizer()
+    res = zero_shot(model, tok, ["arc_easy"], limit=4, batch_size=2, data_dir=str(tmp_path),
+                    log_samples=True)["arc_easy"]
+    assert res["n"] == 4 and res["source"].startswith("local:")
+    assert all(s["target"] == 1 for s in res["samples"])  # GOLD: the index of answerKey "B"
+    assert res["gold_share"] == pytest.approx([0.0, 1.0])
+    calib = calibration_sequences(tok, "arc_easy", 1, 50, data_dir=str(tmp_path),
+                                  exclude_first=4)
+    text = tok.decode(list(calib.sequences[0])).replace(" ", "")  # one char per token
+    assert "Answer:right" in text and "wrong" not in text  # the gold choice follows the prompt

@@ -5,7 +5,8 @@
 * QA / prompt datasets (boolq, piqa, siqa, hellaswag, mmlu, ...; the paper's validation 2):
   the records after the first ``exclude_first`` rows (those rows are the ones ``actpat eval``
   scores, so calibration never sees an evaluated item) are shuffled with ``seed``; each
-  becomes its lm-eval prompt followed by its gold answer (when the dataset has one), the
+  becomes its lm-eval prompt followed by its gold answer (``data.datasets.gold_answer``: the
+  same choice the zero-shot task scores as correct), the
   texts are joined with blank lines into one token stream, and the stream is cut into ``n``
   consecutive windows of ``seq_len`` tokens (BOS + ``seq_len - 1`` stream tokens when the
   tokenizer adds BOS, ``actpat.data.window_bos``).
@@ -15,33 +16,11 @@ from __future__ import annotations
 
 import random
 
-from .datasets import (Samples, get_spec, is_path, load_records, record_texts, sample_sequences,
-                       window_bos, window_start)
+from .datasets import (Samples, get_spec, gold_answer, is_path, load_records, record_texts,
+                       sample_sequences, window_bos, window_start)
 from ..errors import UserError
 
 DEFAULT_EXCLUDE_FIRST = 200
-
-
-def _answer(dataset: str, row: dict) -> str:
-    """The gold answer's text as lm-eval continues the prompt ("" when unknown)."""
-    try:
-        if dataset == "boolq":
-            return " yes" if str(row["answer"]).lower() in ("true", "1") else " no"
-        if dataset == "piqa":
-            return " " + row["sol1" if int(row["label"]) == 0 else "sol2"]
-        if dataset == "siqa":
-            return " " + row["answer" + "ABC"[int(row["label"]) - 1]]
-        if dataset == "hellaswag":
-            return " " + row["endings"][int(row["label"])]
-        if dataset == "mmlu":
-            return " " + "ABCD"[int(row["answer"])]
-        if dataset == "gsm8k":
-            return " " + row["answer"]
-        if dataset == "humaneval":
-            return row["canonical_solution"]
-    except (KeyError, ValueError, IndexError, TypeError):
-        return ""
-    return ""
 
 
 def calibration_sequences(tokenizer, dataset: str, n: int, seq_len: int, seed: int = 0,
@@ -73,7 +52,7 @@ def calibration_sequences(tokenizer, dataset: str, n: int, seq_len: int, seed: i
     stream: list[int] = []
     sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
     for i in pool:
-        stream += tokenizer(texts[i] + _answer(dataset, records.rows[i]),
+        stream += tokenizer(texts[i] + gold_answer(dataset, records.rows[i]),
                             add_special_tokens=False)["input_ids"] + sep
         if len(stream) >= n * body:
             break

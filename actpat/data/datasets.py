@@ -75,6 +75,44 @@ PROMPTS: dict[str, Callable[[dict], str]] = {
     "humaneval": lambda r: r["prompt"],
 }
 
+# The gold answer of each multiple-choice record: its choices and the index of the right one
+# (the fields of the local files, PROVENANCE.md). The zero-shot tasks score these choices
+# against this target, and QA calibration appends the gold choice after the prompt, so the
+# calibration text and the evaluated continuation are the same string.
+CHOICES: dict[str, Callable[[dict], list[str]]] = {
+    "boolq": lambda r: ["no", "yes"],
+    "piqa": lambda r: [r["sol1"], r["sol2"]],
+    "siqa": lambda r: [r["answerA"], r["answerB"], r["answerC"]],
+    "hellaswag": lambda r: [hellaswag_clean(e) for e in r["endings"]],
+    "mmlu": lambda r: ["A", "B", "C", "D"],
+}
+GOLD: dict[str, Callable[[dict], int]] = {
+    "boolq": lambda r: int(str(r["answer"]).lower() in ("true", "1")),
+    "piqa": lambda r: int(r["label"]),
+    "siqa": lambda r: int(r["label"]) - 1,
+    "hellaswag": lambda r: int(r["label"]),
+    "mmlu": lambda r: int(r["answer"]),
+}
+# free-text answers of the generation datasets (no choices)
+_FREE_ANSWERS: dict[str, Callable[[dict], str]] = {
+    "gsm8k": lambda r: " " + r["answer"],
+    "humaneval": lambda r: r["canonical_solution"],
+}
+
+
+def gold_answer(dataset: str, row: dict) -> str:
+    """The gold answer's text as lm-eval continues the prompt (" " + the gold choice), the
+    free-text answer of a generation dataset, or "" when the dataset or the row has none."""
+    try:
+        if dataset in GOLD:
+            return " " + CHOICES[dataset](row)[GOLD[dataset](row)]
+        if dataset in _FREE_ANSWERS:
+            return _FREE_ANSWERS[dataset](row)
+    except (KeyError, ValueError, IndexError, TypeError):
+        return ""
+    return ""
+
+
 for _name, _split, _hub, _kw, _desc in [
     ("boolq", "validation", ("google/boolq", None), {}, "yes/no questions on a Wikipedia passage"),
     ("piqa", "validation", ("ybisk/piqa", None), {}, "physical commonsense"),

@@ -24,9 +24,10 @@ calibration and evaluation alike). Adding a task is one ``register_task(ZeroShot
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..data.datasets import PROMPTS, hellaswag_clean
+from ..data.datasets import CHOICES, GOLD, PROMPTS, hellaswag_clean
 from ..registry import Registry
 
 METRICS = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
@@ -46,9 +47,8 @@ def _hellaswag_hub_docs(dataset):
 def _hellaswag_local_docs(dataset):
     """Local rows are already preprocessed (PROVENANCE.md section 6); only build the fields."""
     def one(doc):
-        return {"query": PROMPTS["hellaswag"](doc),
-                "choices": [hellaswag_clean(e) for e in doc["endings"]],
-                "gold": int(doc["label"])}
+        return {"query": PROMPTS["hellaswag"](doc), "choices": CHOICES["hellaswag"](doc),
+                "gold": GOLD["hellaswag"](doc)}
     return dataset.map(one)
 
 
@@ -58,8 +58,8 @@ class ZeroShotTask:
     split: str  # evaluated split (local file <split>.jsonl and hub split)
     hub: tuple[str, str | None]  # (dataset_path, dataset_name) as in lm-eval's YAML
     common: dict  # doc_to_text / doc_to_choice / target_delimiter / process_docs shared by both
-    local_target: str  # doc_to_target for the local rows
-    hub_target: str  # doc_to_target for the hub rows
+    local_target: str | Callable  # doc_to_target for the local rows (template or function)
+    hub_target: str | Callable  # doc_to_target for the hub rows
     local_extra: dict = field(default_factory=dict)
     hub_extra: dict = field(default_factory=dict)
 
@@ -85,21 +85,23 @@ def register_task(task: ZeroShotTask) -> ZeroShotTask:
     return TASKS.add(task.name, task)
 
 
+# Local rows: the prompt, the choices and the gold index are data.datasets' PROMPTS, CHOICES
+# and GOLD (QA calibration appends the same gold choice). Hub rows keep lm-eval's own fields
+# where they differ from the local files (boolq's label, hellaswag's raw ctx_a / ctx_b).
 register_task(ZeroShotTask(
     "boolq", "validation", ("aps/super_glue", "boolq"),
-    {"doc_to_text": PROMPTS["boolq"], "doc_to_choice": ["no", "yes"]},
-    local_target="{{answer|int}}", hub_target="label",
+    {"doc_to_text": PROMPTS["boolq"], "doc_to_choice": CHOICES["boolq"]},
+    local_target=GOLD["boolq"], hub_target="label",
 ))
 register_task(ZeroShotTask(
     "piqa", "validation", ("baber/piqa", None),
-    {"doc_to_text": PROMPTS["piqa"], "doc_to_choice": "{{[sol1, sol2]}}"},
-    local_target="label", hub_target="label",
+    {"doc_to_text": PROMPTS["piqa"], "doc_to_choice": CHOICES["piqa"]},
+    local_target=GOLD["piqa"], hub_target=GOLD["piqa"],
 ))
 register_task(ZeroShotTask(
     "siqa", "validation", ("lighteval/siqa", None),
-    {"doc_to_text": PROMPTS["siqa"], "target_delimiter": " ",
-     "doc_to_choice": "{{[answerA, answerB, answerC]}}"},
-    local_target="{{ (label|int) - 1 }}", hub_target="{{ (label|int) - 1 }}",
+    {"doc_to_text": PROMPTS["siqa"], "target_delimiter": " ", "doc_to_choice": CHOICES["siqa"]},
+    local_target=GOLD["siqa"], hub_target=GOLD["siqa"],
 ))
 register_task(ZeroShotTask(
     "hellaswag", "validation", ("Rowan/hellaswag", None),
@@ -110,6 +112,6 @@ register_task(ZeroShotTask(
 ))
 register_task(ZeroShotTask(
     "mmlu", "test", ("cais/mmlu", "all"),
-    {"doc_to_text": PROMPTS["mmlu"], "doc_to_choice": ["A", "B", "C", "D"]},
-    local_target="answer", hub_target="answer",
+    {"doc_to_text": PROMPTS["mmlu"], "doc_to_choice": CHOICES["mmlu"]},
+    local_target=GOLD["mmlu"], hub_target=GOLD["mmlu"],
 ))
