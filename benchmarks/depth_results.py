@@ -3,13 +3,17 @@ layers each removes, perplexity of the depth-pruned models and of unstructured W
 sparsity that removes as many weights, and the checkpoints the speed benchmark times.
 
     python benchmarks/depth_results.py --out runs/depth-smollm2 [--windows 100] \
-        [--steps depth,checkpoints,dense,wanda]
+        [--steps depth,checkpoints,dense,wanda,zeroshot] [--dtype bfloat16]
 
 Resumable: every step writes one JSON file under --out and is skipped when the file exists.
 Calibration: the first --calibration-samples C4-train windows (seed 0, the Table-1 windows)
 profile the model and give the block influence; the next --search-samples windows of the same
 draw (other documents) are the search's held-apart windows. Perplexity: the first --windows
 windows of --seq-len tokens of WikiText-2 test and C4 validation (the Table-1 windows).
+Zero-shot: the first --zeroshot-limit items of --zeroshot-tasks (lm-eval through actpat) for
+the dense model, each depth-pruned model and each Wanda model; one JSON per model. --dtype sets
+the dtype of every score, search, perplexity and zero-shot; the speed-benchmark checkpoints are
+always written from a float32 load of the model (the benchmark times float32).
 """
 
 from __future__ import annotations
@@ -35,11 +39,15 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--windows", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--steps", default="depth,checkpoints,dense,wanda",
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 (docs/precision.md)")
+    p.add_argument("--zeroshot-tasks", default="piqa")
+    p.add_argument("--zeroshot-limit", type=int, default=200, help="first N items per task")
+    p.add_argument("--steps", default="depth,checkpoints,dense,wanda,zeroshot",
                    help="after the scores and the search, in this order: depth (perplexity "
                         "of the depth-pruned models), checkpoints (depth-pruned, 50%% and 2:4 "
                         "models for the speed bench), dense (the dense model's perplexity), "
-                        "wanda (perplexity of Wanda at the equivalent sparsity)")
+                        "wanda (perplexity of Wanda at the equivalent sparsity), zeroshot "
+                        "(--zeroshot-tasks of dense, depth-pruned and Wanda models)")
     p.add_argument("--plot", default=None, help="only draw the scores figure (PNG) from --out")
     p.add_argument("--table", action="store_true", help="only print the perplexity table")
     p.add_argument("--collect", default=None, help="only gather every step's JSON into this file")
@@ -49,15 +57,17 @@ def main() -> None:
     if args.collect:
         return collect(Path(args.out), args.collect, args.data_dir)
     if args.table:
-        return print(table(Path(args.out), [int(x) for x in args.drops.split(",")]))
+        print(table(Path(args.out), [int(x) for x in args.drops.split(",")]))
+        return print("\n" + zeroshot_table(Path(args.out)))
     steps = set(args.steps.split(","))
     torch.set_num_threads(1)
 
     from actpat.data.calibration import calibration_sequences
     from actpat.sparsity.depth import (activation_scores, block_influence, equivalent_sparsity,
                               lowest_layers, remove_layers, removal_order, search_layers)
-    from actpat.evaluation.evaluate import load_corpus, perplexity
-    from actpat.models.loading import decoder_layers, load_model
+    from actpat.evaluation.evaluate import load_corpus, perplexity, zero_shot
+    from actpat.models.architectures import decoder_layers
+    from actpat.models.loading import load_model
     from actpat.activation.profiling import PROFILE_FILE, Profile, compute_profile, counts
     from actpat.runs import write_json
     from actpat.sparsity.layerwise import prune_model
@@ -65,7 +75,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lm = load_model(args.model)
+    lm = load_model(args.model, dtype=args.dtype)
     n_layers = len(decoder_layers(lm.model))
     drops = [int(x) for x in args.drops.split(",")]
     n_cal = args.calibration_samples
@@ -122,12 +132,14 @@ def main() -> None:
                                    args.batch_size)
         return res
 
+    def chosen(k):
+        return {"activation": lowest_layers(sc["activation"], k),
+                "block-influence": lowest_layers(sc["block-influence"], k),
+                "search": sorted(se["removed_in_order"][:k])}
+
     done: dict[tuple, str] = {}  # a layer set chosen by two scores is evaluated once
     for k in drops if "depth" in steps else []:
-        chosen = {"activation": lowest_layers(sc["activation"], k),
-                  "block-influence": lowest_layers(sc["block-influence"], k),
-                  "search": sorted(se["removed_in_order"][:k])}
-        for score, drop in chosen.items():
+        for score, drop in chosen(k).items():
             def run(drop=drop, score=score):
                 same = done.get(tuple(drop))
                 if same is not None:
@@ -138,49 +150,93 @@ def main() -> None:
                 return {"score": score, "drop": k, "removed": drop, "kept": info["kept"],
                         "equivalent_sparsity": equivalent_sparsity(lm.model, drop),
                         "parameters": sum(p.numel() for p in model.parameters()),
-                        "ppl": ppl(model)}
+                        "dtype": args.dtype, "ppl": ppl(model)}
             step(f"depth-{score}-{k}", run)
             done.setdefault(tuple(drop), f"depth-{score}-{k}")
 
     # for the speed benchmark; which weights are zero does not change the speed
     if "checkpoints" in steps:
         ck = out / "checkpoints"
+        full = lm if args.dtype == "float32" else None
+        names = [f"depth-{k}" for k in drops] + ["magnitude-50", "magnitude-2of4"]
+        if full is None and not all((ck / n / "config.json").exists() for n in names):
+            full = load_model(args.model)  # float32: what the speed benchmark times
         for k in drops:
             d = ck / f"depth-{k}"
             if not (d / "config.json").exists():
-                model = copy.deepcopy(lm.model)
+                model = copy.deepcopy(full.model)
                 info = remove_layers(model, lowest_layers(sc["activation"], k))
-                save_pruned(model, lm.tokenizer, d, {"model": lm.identity, "depth": info,
+                save_pruned(model, full.tokenizer, d, {"model": full.identity, "depth": info,
                                                      "layer_score": "activation"})
         for name, pattern in (("magnitude-50", "unstructured"), ("magnitude-2of4", "2:4")):
             d = ck / name
             if not (d / "config.json").exists():
-                model = copy.deepcopy(lm.model)
+                model = copy.deepcopy(full.model)
                 rep = prune_model(model, None, [0.5] * n_layers, "magnitude", pattern,
                                   progress=False)
-                save_pruned(model, lm.tokenizer, d, {"model": lm.identity, "pruner": "magnitude",
+                save_pruned(model, full.tokenizer, d, {"model": full.identity, "pruner": "magnitude",
                                                      "pattern": pattern, "achieved_sparsity":
                                                          rep["achieved_sparsity"]})
+        del full
         print("checkpoints written", flush=True)
 
     if "dense" in steps:
-        step("dense", lambda: {"ppl": ppl(lm.model)})
+        step("dense", lambda: {"dtype": args.dtype, "ppl": ppl(lm.model)})
     # unstructured Wanda removing as many weights as k layers
-    for k in drops if "wanda" in steps else []:
-        s = round(equivalent_sparsity(lm.model, lowest_layers(sc["activation"], k)), 4)
+    wanda_models: dict[float, tuple] = {}  # kept for the zero-shot step of the same run
 
-        def wanda(s=s):
+    def wanda_model(s):
+        if s not in wanda_models:
             model = copy.deepcopy(lm.model)
             rep = prune_model(model, scoring, [s] * n_layers, "wanda", batch_size=args.batch_size,
                               progress=False)
-            return {"sparsity": s, "achieved": rep["achieved_sparsity"], "ppl": ppl(model)}
+            wanda_models[s] = (model, rep["achieved_sparsity"])
+        return wanda_models[s]
+
+    sparsities = [round(equivalent_sparsity(lm.model, lowest_layers(sc["activation"], k)), 4)
+                  for k in drops]
+    for s in sparsities if "wanda" in steps else []:
+        def wanda(s=s):
+            model, achieved = wanda_model(s)
+            return {"sparsity": s, "achieved": achieved, "dtype": args.dtype, "ppl": ppl(model)}
         step(f"wanda-uniform-{s}", wanda)
+
+    # zero-shot: one JSON per model, zeroshot-<name of its perplexity step>.json
+    if "zeroshot" in steps:
+        tasks = args.zeroshot_tasks.split(",")
+
+        def shots(model, **extra):
+            res = zero_shot(model, lm.tokenizer, tasks, args.zeroshot_limit, args.batch_size,
+                            args.data_dir, progress=False)
+            return dict(extra, dtype=args.dtype, tasks=res)
+
+        step("zeroshot-dense", lambda: shots(lm.model))
+        seen: dict[tuple, str] = {}
+        for k in drops:
+            for score, drop in chosen(k).items():
+                def run(drop=drop, score=score, k=k):
+                    same = seen.get(tuple(drop))
+                    if same is not None:
+                        return dict(json.loads((out / f"{same}.json").read_text()), score=score,
+                                    same_layers_as=same)
+                    model = copy.deepcopy(lm.model)
+                    remove_layers(model, drop)
+                    return shots(model, score=score, drop=k, removed=drop)
+                step(f"zeroshot-depth-{score}-{k}", run)
+                seen.setdefault(tuple(drop), f"zeroshot-depth-{score}-{k}")
+        for s in sparsities:
+            def run(s=s):
+                model, achieved = wanda_model(s)
+                return shots(model, sparsity=s, achieved=achieved)
+            step(f"zeroshot-wanda-uniform-{s}", run)
+            wanda_models.pop(s, None)
 
 
 def table(out: Path, drops: list[int]) -> str:
     """Markdown rows of the perplexities found under ``out`` (missing rows are left out)."""
     dense = out / "dense.json"
     base = json.loads(dense.read_text())["ppl"] if dense.exists() else None
+    n = len(json.loads((out / "scores.json").read_text())["activation"])
 
     def row(name, label, removed="-", params="-"):
         path = out / f"{name}.json"
@@ -197,13 +253,13 @@ def table(out: Path, drops: list[int]) -> str:
 
     lines = ["| model | layers removed | weights removed | wikitext2 ppl (× dense) | "
              "c4 ppl (× dense) | windows |",
-             "| --- | --- | --- | ---: | ---: | ---: |", row("dense", "dense (30 layers)")]
+             "| --- | --- | --- | ---: | ---: | ---: |", row("dense", f"dense ({n} layers)")]
     for k in drops:
         for score in ("activation", "block-influence", "search"):
             path = out / f"depth-{score}-{k}.json"
             if path.exists():
                 r = json.loads(path.read_text())
-                lines.append(row(f"depth-{score}-{k}", f"{score}, {k} of 30 layers",
+                lines.append(row(f"depth-{score}-{k}", f"{score}, {k} of {n} layers",
                                  ", ".join(map(str, r["removed"])),
                                  f"{r['equivalent_sparsity']:.1%} of decoder weights"))
     for f in sorted(out.glob("wanda-uniform-*.json")):
@@ -211,6 +267,42 @@ def table(out: Path, drops: list[int]) -> str:
         lines.append(row(f.stem, f"Wanda uniform, unstructured {r['sparsity']:.1%}",
                          params=f"{r['achieved']:.1%} of decoder weights"))
     return "\n".join(x for x in lines if x)
+
+
+def zeroshot_table(out: Path) -> str:
+    """Markdown rows of the zero-shot results under ``out`` (acc ± SE, acc_norm, balanced acc,
+    answer shares); empty when none ran."""
+    files = sorted(out.glob("zeroshot-*.json"))
+    if not files:
+        return ""
+    n = len(json.loads((out / "scores.json").read_text())["activation"])
+    scores = ("activation", "block-influence", "search")
+    depth = [f.stem for f in files if f.stem.startswith("zeroshot-depth")]
+    depth.sort(key=lambda x: (int(x.rsplit("-", 1)[1]),
+                              [i for i, sc in enumerate(scores) if f"-{sc}-" in x] or [9]))
+    order = ["zeroshot-dense"] + depth
+    order += [f.stem for f in files if f.stem.startswith("zeroshot-wanda")]
+    lines = ["| model | layers removed | task | n | acc ± SE | acc_norm ± SE | balanced acc | "
+             "pred share | dtype |", "| --- | --- | --- | ---: | --- | --- | ---: | --- | --- |"]
+    for name in order:
+        path = out / f"{name}.json"
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        if "removed" in r:
+            label, removed = f"{r['score']}, {r['drop']} of {n} layers", ", ".join(
+                map(str, r["removed"]))
+        elif "sparsity" in r:
+            label, removed = f"Wanda uniform, unstructured {r['sparsity']:.1%}", "-"
+        else:
+            label, removed = f"dense ({n} layers)", "-"
+        for task, t in r["tasks"].items():
+            se = [(t[m] * (1 - t[m]) / t["n"]) ** 0.5 for m in ("acc", "acc_norm")]
+            lines.append(f"| {label} | {removed} | {task} | {t['n']} | {t['acc']:.3f} ± "
+                         f"{se[0]:.3f} | {t['acc_norm']:.3f} ± {se[1]:.3f} | "
+                         f"{t['acc_balanced']:.3f} | "
+                         f"{', '.join(f'{x:.2f}' for x in t['pred_share'])} | {r['dtype']} |")
+    return "\n".join(lines)
 
 
 def collect(out: Path, dest: str, data_dir: str | None) -> None:
@@ -247,7 +339,7 @@ def plot(out: Path, png: str, drops: list[int]) -> None:
     bi = sc["block-influence"]
     top.plot(range(n), act, "o-", label="activation: N_i / max N_i (C4, gamma at 10%)")
     top.plot(range(n), [x / max(bi[1:]) for x in bi], "s-",
-             label="block influence / max over layers 1-29 (layer 0: off the scale)")
+             label=f"block influence / max over layers 1-{n - 1} (layer 0: off the scale)")
     top.set_ylim(0, 1.05)
     top.set_ylabel("score (lowest removed first)")
     top.legend(fontsize=8, loc="upper right")
