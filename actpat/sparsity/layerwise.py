@@ -196,12 +196,7 @@ def prune_model(model: nn.Module, calib_sequences: list[list[int]] | None,
     p = get_pruner(pruner)
     nm = parse_pattern(pattern)
     layers = decoder_layers(model)
-    if len(sparsities) != len(layers):
-        raise UserError(f"{len(sparsities)} layer sparsities for a model with {len(layers)} "
-                        "decoder layers; give one per layer")
-    sparsities = [validate_sparsity(s) for s in sparsities]
-    if nm:
-        sparsities = [nm[0] / nm[1]] * len(layers)
+    sparsities = layer_targets(sparsities, len(layers), nm)
     start = time.perf_counter()
     per_layer = _layer_matrices(model)
     inputs = None
@@ -212,33 +207,56 @@ def prune_model(model: nn.Module, calib_sequences: list[list[int]] | None,
     report = {"pruner": pruner, "pattern": pattern, "matrices": [], "layers": []}
     for i in tqdm(range(len(layers)), desc=f"pruning ({pruner})", unit="layer",
                   disable=not progress):
-        stats = None
-        if inputs is not None:
-            stats = _InputStats(per_layer[i], p.stat)
-            try:
-                for b, hs in enumerate(inputs.hidden):
-                    inputs.call(layers[i], i, b, hs)
-                    stats.end_batch()
-            finally:
-                stats.remove()
-        zeros = total = 0
-        for sm in per_layer[i]:
-            w = sm.weight.detach().float()
-            if sparsities[i] > 0 or nm:
-                w = p.prune(w, None if stats is None else stats.get(sm.name), sparsities[i], nm)
-                _set_weight(sm, w)
-            z = int((sm.module.weight == 0).sum())
-            zeros += z
-            total += w.numel()
-            report["matrices"].append({"name": sm.name, "layer": i, "matrix": sm.matrix,
-                                       "shape": list(w.shape), "target": sparsities[i],
-                                       "achieved": z / w.numel()})
-        del stats
-        report["layers"].append({"layer": i, "target": sparsities[i], "achieved": zeros / total,
-                                 "weights": total})
+        prune_layer(layers[i], i, per_layer[i], p, sparsities[i], nm, inputs, report)
         if inputs is not None and i + 1 < len(layers):
             inputs.hidden = [inputs.call(layers[i], i, b, hs) for b, hs in
                              enumerate(inputs.hidden)]
+    return finish_report(report, start)
+
+
+def layer_targets(sparsities: list[float], n_layers: int,
+                  nm: tuple[int, int] | None) -> list[float]:
+    """The S_i the loop prunes to: one valid sparsity per layer (N/M for an N:M pattern)."""
+    if len(sparsities) != n_layers:
+        raise UserError(f"{len(sparsities)} layer sparsities for a model with {n_layers} "
+                        "decoder layers; give one per layer")
+    sparsities = [validate_sparsity(s) for s in sparsities]
+    return [nm[0] / nm[1]] * n_layers if nm else sparsities
+
+
+def prune_layer(layer: nn.Module, i: int, matrices: list[ScoredMatrix], p, sparsity: float,
+                nm: tuple[int, int] | None, inputs, report: dict) -> None:
+    """One step of the sequential loop: collect the pruner's input statistic on layer ``i``
+    (its calibration inputs, when the pruner needs one), prune each of its matrices to
+    ``sparsity`` (or N:M), and append what was achieved to ``report``. The caller moves the
+    calibration inputs on through the pruned layer."""
+    stats = None
+    if inputs is not None:
+        stats = _InputStats(matrices, p.stat)
+        try:
+            for b, hs in enumerate(inputs.hidden):
+                inputs.call(layer, i, b, hs)
+                stats.end_batch()
+        finally:
+            stats.remove()
+    zeros = total = 0
+    for sm in matrices:
+        w = sm.weight.detach().float()
+        if sparsity > 0 or nm:
+            w = p.prune(w, None if stats is None else stats.get(sm.name), sparsity, nm)
+            _set_weight(sm, w)
+        z = int((sm.module.weight == 0).sum())
+        zeros += z
+        total += w.numel()
+        report["matrices"].append({"name": sm.name, "layer": i, "matrix": sm.matrix,
+                                   "shape": list(w.shape), "target": sparsity,
+                                   "achieved": z / w.numel()})
+    report["layers"].append({"layer": i, "target": sparsity, "achieved": zeros / total,
+                             "weights": total})
+
+
+def finish_report(report: dict, start: float) -> dict:
+    """Add the overall (weight-weighted) target and achieved sparsity and the seconds."""
     n_total = sum(x["weights"] for x in report["layers"])
     report["achieved_sparsity"] = sum(x["achieved"] * x["weights"] for x in report["layers"]) \
         / n_total

@@ -23,8 +23,8 @@ import torch
 from ..errors import UserError
 from ..models.architectures import scored_matrices
 from ..models.streamed import INDEX_FILE, StreamedModel, write_safetensors
-from .layerwise import _InputStats, _set_weight, capture_layer_inputs
-from .masks import parse_pattern, validate_sparsity
+from .layerwise import capture_layer_inputs, finish_report, layer_targets, prune_layer
+from .masks import parse_pattern
 from .pruners import get_pruner
 
 SHARD = "model-{:05d}-of-{:05d}.safetensors"
@@ -73,12 +73,7 @@ def prune_streamed(sm: StreamedModel, calib_sequences: list[list[int]] | None,
     p = get_pruner(pruner)
     nm = parse_pattern(pattern)
     n = sm.num_layers
-    if len(sparsities) != n:
-        raise UserError(f"{len(sparsities)} layer sparsities for a model with {n} decoder "
-                        "layers; give one per layer")
-    sparsities = [validate_sparsity(s) for s in sparsities]
-    if nm:
-        sparsities = [nm[0] / nm[1]] * n
+    sparsities = layer_targets(sparsities, n, nm)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -98,30 +93,7 @@ def prune_streamed(sm: StreamedModel, calib_sequences: list[list[int]] | None,
     for i in tqdm(range(n), desc=f"pruning ({pruner}, streamed)", unit="layer",
                   disable=not progress):
         layer = sm.load_layer(i)
-        stats = None
-        if inputs is not None:
-            stats = _InputStats(per_layer[i], p.stat)
-            try:
-                for b, hs in enumerate(inputs.hidden):
-                    inputs.call(layer, i, b, hs)
-                    stats.end_batch()
-            finally:
-                stats.remove()
-        zeros = total = 0
-        for m in per_layer[i]:
-            w = m.weight.detach().float()
-            if sparsities[i] > 0 or nm:
-                w = p.prune(w, None if stats is None else stats.get(m.name), sparsities[i], nm)
-                _set_weight(m, w)
-            z = int((m.module.weight == 0).sum())
-            zeros += z
-            total += w.numel()
-            report["matrices"].append({"name": m.name, "layer": i, "matrix": m.matrix,
-                                       "shape": list(w.shape), "target": sparsities[i],
-                                       "achieved": z / w.numel()})
-        del stats
-        report["layers"].append({"layer": i, "target": sparsities[i], "achieved": zeros / total,
-                                 "weights": total})
+        prune_layer(layer, i, per_layer[i], p, sparsities[i], nm, inputs, report)
         prefix = f"{sm.layer_prefix}.{i}."
         written += _write_shard(out, SHARD.format(i + 1, shards),
                                 {prefix + k: v for k, v in _unique(layer.state_dict()).items()},
@@ -140,11 +112,7 @@ def prune_streamed(sm: StreamedModel, calib_sequences: list[list[int]] | None,
     config.save_pretrained(out)
     if sm.tokenizer is not None:
         sm.tokenizer.save_pretrained(out)
-    n_total = sum(x["weights"] for x in report["layers"])
-    report["achieved_sparsity"] = sum(x["achieved"] * x["weights"] for x in report["layers"]) \
-        / n_total
-    report["target_sparsity"] = sum(x["target"] * x["weights"] for x in report["layers"]) / n_total
-    report["seconds"] = round(time.perf_counter() - start, 3)
+    finish_report(report, start)
     report["streamed"] = {"layer_loads": n, "checkpoint_bytes_read": sm.bytes_read - read0,
                           "bytes_written": written, "shards": shards}
     return report
