@@ -154,8 +154,23 @@ def test_every_allocator_against_its_formula(sparsity):
                                        linear_modules(model).items() if i == 0)
     kw = dict(model=model, calib_inputs=calib(), layer_sizes=sizes, alpha=2.0, beta=0.9,
               held_inputs=calib(2, 16, seed=5), atp_step=0.1, search_budget=3)
+    from actpat.sparsity.per_matrix import flatten, model_matrix_sizes
+
+    msizes = model_matrix_sizes(model)
+    mcounts = {t: [300 - 10 * k, 40 + 5 * k] for k, t in enumerate(msizes)}
     for method in sorted(ALLOCATORS):
-        raw = ALLOCATORS[method].fn(sparsity, counts=[300, 40], **kw)
+        raw = ALLOCATORS[method].fn(sparsity, counts=[300, 40], matrix_counts=mcounts,
+                                    matrix_sizes=msizes, **kw)
+        if ALLOCATORS[method].per_matrix:  # one value per matrix; plain mean S before the fix
+            assert set(raw) == set(msizes) and all(len(v) == 2 for v in raw.values())
+            if method == "activation-matrix":
+                assert np.mean(flatten(raw)) == pytest.approx(sparsity, abs=1e-12)
+            got = allocate(method, sparsity, matrix_counts=mcounts, matrix_sizes=msizes,
+                           **{k: v for k, v in kw.items() if k != "layer_sizes"})
+            w = flatten({t: msizes[t] for t in got.per_matrix})
+            assert weighted(flatten(got.per_matrix), w) == pytest.approx(sparsity, abs=1e-9)
+            assert all(0 <= x <= MAX_SPARSITY for x in flatten(got.per_matrix)), method
+            continue
         assert len(raw) == 2
         assert weighted(raw, sizes) == pytest.approx(sparsity, abs=1e-12), method
     assert allocate("uniform", sparsity, model=model) == [sparsity, sparsity]

@@ -279,6 +279,7 @@ class Counts:
     layer_counts: list[int]
     matrix_counts: dict[str, list[int]]
     scored_per_layer: list[int]
+    scored_per_matrix: dict[str, list[int]] = field(default_factory=dict)  # weights per matrix
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -313,13 +314,15 @@ def counts(profile: Profile, gamma: float | None = None,
     layer_counts = [0] * n_layers
     scored = [0] * n_layers
     per_matrix = {t: [0] * n_layers for t in profile.matrix_types}
+    sizes = {t: [0] * n_layers for t in profile.matrix_types}
     for name, v in profile.maps.items():
         i, t = profile.layers[name], profile.matrices[name]
         c = int((v > g).sum())
         layer_counts[i] += c
         per_matrix[t][i] += c
         scored[i] += v.numel()
-    return Counts(g, rule, layer_counts, per_matrix, scored)
+        sizes[t][i] += v.numel()
+    return Counts(g, rule, layer_counts, per_matrix, scored, sizes)
 
 
 def counts_one_gamma(profiles: list[Profile], names: list[str], gamma: float | None = None,

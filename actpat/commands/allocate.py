@@ -166,9 +166,11 @@ def run(args) -> int:
         info["calibration"] = calibration_info(args, samples)
     info["seed"] = args.seed  # every output records its seed
     print(f"{args.method} allocation, S = {args.sparsity}")
-    print("layer  S_i")
+    per_matrix = getattr(s, "per_matrix", None)
+    types = list(per_matrix or {})
+    print("layer  S_i" + "".join(f"  {t:>6}" for t in types))
     for i, x in enumerate(s):
-        print(f"{i:>5}  {x:.4f}")
+        print(f"{i:>5}  {x:.4f}" + "".join(f"  {per_matrix[t][i]:.4f}" for t in types))
     if args.json:
         write_json(args.json, info)
     if args.plot:

@@ -106,12 +106,20 @@ def _kept_allocation(args, counts, kept: list[int]) -> tuple[list[float], dict]:
     from ..sparsity.allocators import ALLOCATORS, allocate
 
     options = {o.name: getattr(args, o.name) for o in ALLOCATORS.get(args.allocation).options}
+    def kept_only(table):
+        return {t: [v[i] for i in kept] for t, v in table.items()}
+
     s = allocate(args.allocation, args.sparsity, counts=[counts.layer_counts[i] for i in kept],
-                 layer_sizes=[counts.scored_per_layer[i] for i in kept], **options)
-    return s, {"method": args.allocation, "sparsity": args.sparsity, **options,
-               "counts": {"from": "the dense model's profile, kept layers only",
-                          "gamma": counts.gamma, "gamma_rule": counts.gamma_rule},
-               "layer_sparsities": s}
+                 layer_sizes=[counts.scored_per_layer[i] for i in kept],
+                 matrix_counts=kept_only(counts.matrix_counts),
+                 matrix_sizes=kept_only(counts.scored_per_matrix), **options)
+    info = {"method": args.allocation, "sparsity": args.sparsity, **options,
+            "counts": {"from": "the dense model's profile, kept layers only",
+                       "gamma": counts.gamma, "gamma_rule": counts.gamma_rule},
+            "layer_sparsities": s}
+    if hasattr(s, "per_matrix"):
+        info["matrix_sparsities"] = s.per_matrix
+    return s, info
 
 
 def run(args) -> int:

@@ -95,7 +95,7 @@ def layer_sparsities(ctx: PlanState, lm, cfg: Config, calib,
     needs = ALLOCATORS.get(cfg.allocation).needs
     if "counts" in needs:
         counts, source = _activation_counts(ctx, lm)
-        kwargs["counts"] = counts.layer_counts
+        kwargs["counts"] = counts  # a Counts: per-layer and per-matrix counts and sizes
         info["counts"] = source
     if "calibration" in needs:
         kwargs["calib_inputs"] = calib.sequences
@@ -137,6 +137,8 @@ def run_config(ctx: PlanState, cfg: Config) -> dict:
                              cfg.pruner, cfg.pattern, batch_size=s.batch_size,
                              progress=s.progress)
         record["allocation"] = dict(info, sparsities=sparsities)
+        if hasattr(sparsities, "per_matrix"):
+            record["allocation"]["matrix_sparsities"] = sparsities.per_matrix
         record["prune"] = {"achieved_sparsity": report["achieved_sparsity"],
                            "target_sparsity": report["target_sparsity"],
                            "layers_achieved": [x["achieved"] for x in report["layers"]],

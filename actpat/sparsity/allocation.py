@@ -75,15 +75,18 @@ class Allocator:
     fn: Callable[..., list[float]]
     needs: frozenset[str] = frozenset()
     options: tuple[Option, ...] = ()
+    per_matrix: bool = False  # fn returns {matrix type: [S per layer]} (``sparsity.per_matrix``)
 
 
 ALLOCATORS: Registry[Allocator] = Registry("allocation")
 
 
-def register_allocator(name: str, *, needs: tuple[str, ...] = (), options: tuple[Option, ...] = ()):
-    """Decorator: register ``fn`` as the allocator ``name`` (one entry; the CLI follows)."""
+def register_allocator(name: str, *, needs: tuple[str, ...] = (), options: tuple[Option, ...] = (),
+                       per_matrix: bool = False):
+    """Decorator: register ``fn`` as the allocator ``name`` (one entry; the CLI follows).
+    ``per_matrix``: ``fn`` returns one sparsity per scored matrix (``sparsity.per_matrix``)."""
     def deco(fn):
-        ALLOCATORS.add(name, Allocator(name, fn, frozenset(needs), tuple(options)))
+        ALLOCATORS.add(name, Allocator(name, fn, frozenset(needs), tuple(options), per_matrix))
         return fn
     return deco
 

@@ -54,6 +54,7 @@ import numpy as np
 
 from ..errors import UserError
 from .allocation import MAX_SPARSITY, Option, register_allocator
+from .per_matrix import activation_matrix_formula, fix_matrix_mean, flatten, unflatten
 
 DEFAULT_BUDGET = 64  # scored candidates: about 10 min of one CPU core for SmolLM2 (see its doc)
 DEFAULT_STEP = 0.02
@@ -242,11 +243,15 @@ class MaskScorer:
         self.model, self.metric, self.batch_size = model, metric, batch_size
         self.mats = scored_matrices(model)
         layers = decoder_layers(model)
-        if len(reference) != len(layers):
-            raise UserError(f"{len(reference)} layer sparsities for {len(layers)} layers")
+        self.n_layers = len(layers)
+        # a per-matrix candidate is flat in type-major order (per_matrix.flatten)
+        types = list(dict.fromkeys(m.matrix for m in self.mats))
+        self.flat_index = {m.name: types.index(m.matrix) * self.n_layers + m.layer
+                           for m in self.mats}
+        reference_targets = self._targets(reference)
         self.dense = {m.name: m.weight.detach().float().clone() for m in self.mats}
         self.ranks: dict[str, torch.Tensor] = {}
-        self.applied = [0.0] * len(layers)
+        self.applied = {m.name: 0.0 for m in self.mats}
         per_layer: dict[int, list] = {}
         for m in self.mats:
             per_layer.setdefault(m.layer, []).append(m)
@@ -284,7 +289,7 @@ class MaskScorer:
                     positions = torch.arange(cols, device=order.device).expand_as(order)
                     rank.scatter_(1, order, positions)
                     self.ranks[m.name] = rank.to(torch.int16 if cols < 32768 else torch.int32)
-                self._apply_layer(i, float(reference[i]))
+                    self._apply_matrix(m, reference_targets[m.name])
                 if i + 1 < len(layers):
                     inputs.hidden = [inputs.call(layers[i], i, b, hs)
                                      for b, hs in enumerate(inputs.hidden)]
@@ -297,26 +302,36 @@ class MaskScorer:
         logits = self.model(input_ids=ids, use_cache=False).logits[:, :-1].float()
         return torch.log_softmax(logits, dim=-1)
 
-    def _apply_layer(self, i: int, sparsity: float) -> None:
-        for m in [x for x in self.mats if x.layer == i]:
-            w = self.dense[m.name]
-            k = _prune_count(w.shape[1], sparsity)
-            new = w.masked_fill(self.ranks[m.name] < k, 0.0) if k else w
-            target = m.module.weight
-            target.data.copy_((new.t() if m.transposed else new).to(target.dtype))
-        self.applied[i] = sparsity
+    def _targets(self, sparsities: Sequence[float]) -> dict[str, float]:
+        """Each matrix's sparsity: one value per layer (S_i for all its matrices), or one per
+        scored matrix in type-major order (a per-matrix candidate)."""
+        if len(sparsities) == self.n_layers:
+            return {m.name: float(sparsities[m.layer]) for m in self.mats}
+        if len(sparsities) == len(self.mats):
+            return {m.name: float(sparsities[self.flat_index[m.name]]) for m in self.mats}
+        raise UserError(f"{len(sparsities)} sparsities for {self.n_layers} layers and "
+                        f"{len(self.mats)} scored matrices; give one per layer or per matrix")
+
+    def _apply_matrix(self, m, sparsity: float) -> None:
+        w = self.dense[m.name]
+        k = _prune_count(w.shape[1], sparsity)
+        new = w.masked_fill(self.ranks[m.name] < k, 0.0) if k else w
+        target = m.module.weight
+        target.data.copy_((new.t() if m.transposed else new).to(target.dtype))
+        self.applied[m.name] = sparsity
 
     def apply(self, sparsities: Sequence[float]) -> None:
-        """Set the model's weights to the masks of ``sparsities`` (changed layers only)."""
-        for i, s in enumerate(sparsities):
-            if float(s) != self.applied[i]:
-                self._apply_layer(i, float(s))
+        """Set the model's weights to the masks of ``sparsities`` (changed matrices only)."""
+        targets = self._targets(sparsities)
+        for m in self.mats:
+            if targets[m.name] != self.applied[m.name]:
+                self._apply_matrix(m, targets[m.name])
 
     def restore(self) -> None:
         for m in self.mats:
             w = self.dense[m.name]
             m.module.weight.data.copy_((w.t() if m.transposed else w).to(m.module.weight.dtype))
-        self.applied = [0.0] * len(self.applied)
+        self.applied = {m.name: 0.0 for m in self.mats}
 
     def __call__(self, sparsities: Sequence[float]) -> float:
         import torch
@@ -385,24 +400,80 @@ def search_allocation(sparsity, *, model=None, calib_inputs=None, held_inputs=No
     if counts is None:
         raise UserError("the search allocation starts from the activation allocation and needs "
                         "activated-weight counts: give --profile RUN or --model")
-    if model is None or calib_inputs is None or not held_inputs:
-        raise UserError("the search allocation needs the model, calibration data and held-apart "
-                        "calibration windows: give --model and --calibration")
-    settings = search or SearchSettings(budget=int(round(search_budget)), step=float(search_step),
-                                        seed=int(round(search_seed)))
+    settings = _settings(model, calib_inputs, held_inputs, search, search_budget, search_step,
+                         search_seed, "search")
     start = fix_mean(activation_formula(counts, sparsity, alpha, beta), sparsity, layer_sizes,
                      cap=settings.hi)
+    result = _run_search(model, calib_inputs, held_inputs, start, layer_sizes, settings,
+                         search_metric, search_state, batch_size, progress, info, log)
+    return result.sparsities
+
+
+@register_allocator("search-matrix", needs=("counts", "model", "calibration", "held"),
+                    per_matrix=True, options=(
+    Option("alpha", 2.0, "activation: sigmoid shift (2)"),
+    Option("beta", 0.2, "activation: spread (0.2)"),
+    Option("search_budget", DEFAULT_BUDGET, "search: scored candidates (64: about 10 min of "
+           "one core for SmolLM2)"),
+    Option("search_step", DEFAULT_STEP, "search: sparsity one pair move shifts (0.02)"),
+    Option("search_seed", 0, "search: seed of the moves (0)"),
+    HELD_OPTION))
+def search_matrix_allocation(sparsity, *, model=None, calib_inputs=None, held_inputs=None,
+                             matrix_counts=None, matrix_sizes=None, alpha: float = 2.0,
+                             beta: float = 0.2, search_budget: float = DEFAULT_BUDGET,
+                             search_step: float = DEFAULT_STEP, search_seed: float = 0,
+                             search: SearchSettings | None = None, search_metric: str = "kl",
+                             search_state: str | Path | None = None, batch_size: int = 8,
+                             progress: bool = False, info: dict | None = None, log=None,
+                             **kw) -> dict[str, list[float]]:
+    """``search-matrix``: the same search over one sparsity per scored matrix, started from
+    the ``activation-matrix`` allocation; a pair move trades sparsity between two matrices
+    (weights: their sizes), so the size-weighted mean over all matrices stays S."""
+    if not matrix_counts or not matrix_sizes:
+        raise UserError("the search-matrix allocation starts from the activation-matrix "
+                        "allocation and needs counts per matrix: give --profile RUN or --model")
+    settings = _settings(model, calib_inputs, held_inputs, search, search_budget, search_step,
+                         search_seed, "search-matrix")
+    start = fix_matrix_mean(activation_matrix_formula(matrix_counts, matrix_sizes, sparsity,
+                                                      alpha, beta),
+                            sparsity, matrix_sizes, cap=settings.hi)
+    from .per_matrix import model_matrix_sizes
+
+    order = list(model_matrix_sizes(model))  # MaskScorer's type-major order: the model's
+    if set(order) != set(start.per_matrix):
+        raise UserError(f"counts for matrix types {sorted(start.per_matrix)} but the model "
+                        f"scores {sorted(order)}; profile this model")
+    values = {t: start.per_matrix[t] for t in order}
+    result = _run_search(model, calib_inputs, held_inputs, flatten(values),
+                         flatten({t: matrix_sizes[t] for t in order}), settings, search_metric,
+                         search_state, batch_size, progress, info, log)
+    return unflatten(result.sparsities, values)
+
+
+def _settings(model, calib_inputs, held_inputs, search, budget, step, seed,
+              name) -> SearchSettings:
+    if model is None or calib_inputs is None or not held_inputs:
+        raise UserError(f"the {name} allocation needs the model, calibration data and "
+                        "held-apart calibration windows: give --model and --calibration")
+    return search or SearchSettings(budget=int(round(budget)), step=float(step),
+                                    seed=int(round(seed)))
+
+
+def _run_search(model, calib_inputs, held_inputs, start, weights, settings, metric, state,
+                batch_size, progress, info, log) -> SearchResult:
+    """``evolve`` from ``start`` (one value per layer, or per matrix in type-major order) with
+    a ``MaskScorer`` built at that start; its record goes into ``info``."""
     begin = time.perf_counter()
-    with MaskScorer(model, calib_inputs, held_inputs, start, metric=search_metric,
+    with MaskScorer(model, calib_inputs, held_inputs, start, metric=metric,
                     batch_size=batch_size, progress=progress) as scorer:
         setup = time.perf_counter() - begin
-        result = evolve(start, scorer, layer_sizes, settings, search_state, log)
+        result = evolve(start, scorer, weights, settings, state, log)
     if info is not None:
-        info.update(search={**asdict(settings), "metric": search_metric,
-                            "held_windows": len(held_inputs), "start": start,
+        info.update(search={**asdict(settings), "metric": metric,
+                            "held_windows": len(held_inputs), "start": list(start),
                             "start_score": result.start_score, "score": result.score,
                             "evaluations": result.evaluations,
                             "generations": result.generations,
                             "setup_seconds": round(setup, 3), "search_seconds": result.seconds,
                             "history": result.history})
-    return result.sparsities
+    return result

@@ -2,7 +2,8 @@
 
 ``sparsity.allocation`` defines the registry (``ALLOCATORS``, ``register_allocator``) and the
 paper's allocators (uniform, activation, OWL, AlphaPruning); ``allocators_2025`` (ATP, DLP) and
-``allocation_search`` (search) register theirs into it. This module imports all three, so that
+``allocation_search`` (search, search-matrix) and ``per_matrix`` (activation-matrix) register
+theirs into it. This module imports them all, so that
 ``ALLOCATORS`` here is complete, and adds what runs an allocator: ``allocate`` (S_i from plain
 inputs) and ``allocation_with_record`` (S_i plus the record ``actpat allocate --json`` writes,
 loading counts from a profile when the allocator needs them). Callers import from here.
@@ -14,14 +15,21 @@ from ..errors import UserError
 from . import allocation_search, allocators_2025  # noqa: F401  (they register themselves)
 from .allocation import ALLOCATORS, fix_mean, model_layer_sizes
 from .masks import validate_sparsity
+from .per_matrix import fix_matrix_mean, model_matrix_sizes
 
 __all__ = ["ALLOCATORS", "activation_counts", "allocate", "allocation_with_record",
            "check_profile"]
 
 
 def allocate(method: str, sparsity: float, *, counts=None, layer_sizes: list[int] | None = None,
-             model=None, calib_inputs=None, **kw) -> list[float]:
+             model=None, calib_inputs=None, matrix_counts=None, matrix_sizes=None,
+             **kw) -> list[float]:
     """S_i per decoder layer for target ``sparsity`` by the allocator ``method``.
+
+    A per-matrix allocator (``activation-matrix``, ``search-matrix``) returns a
+    ``MatrixSparsities``: the S_i list plus one sparsity per scored matrix (``per_matrix``);
+    ``matrix_counts`` / ``matrix_sizes`` (``{type: [per layer]}``) come from ``counts`` (a
+    ``Counts``) or ``model`` when not given.
 
     ``counts``: the activated-weight counts N_i (``activation``): a list, or the ``Counts`` of
     ``activation.profiling.counts`` (its ``scored_per_layer`` then gives the layer sizes).
@@ -34,12 +42,22 @@ def allocate(method: str, sparsity: float, *, counts=None, layer_sizes: list[int
     sparsity = validate_sparsity(sparsity)
     if hasattr(counts, "layer_counts"):
         layer_sizes = layer_sizes or counts.scored_per_layer
+        matrix_counts = matrix_counts or counts.matrix_counts
+        matrix_sizes = matrix_sizes or counts.scored_per_matrix or None
         counts = counts.layer_counts
     if layer_sizes is None and model is not None:
         layer_sizes = model_layer_sizes(model)
+    if matrix_sizes is None and model is not None:
+        matrix_sizes = model_matrix_sizes(model)
     options = {o.name: kw.pop(o.name, o.default) for o in entry.options}
     out = entry.fn(sparsity, counts=counts, layer_sizes=layer_sizes, model=model,
-                   calib_inputs=calib_inputs, **options, **kw)
+                   calib_inputs=calib_inputs, matrix_counts=matrix_counts,
+                   matrix_sizes=matrix_sizes, **options, **kw)
+    if entry.per_matrix:
+        if not matrix_sizes:
+            raise UserError(f"the {method} allocation needs the size of every scored matrix: "
+                            "give --model, or a profile made by this version")
+        return fix_matrix_mean(out, sparsity, matrix_sizes)
     return fix_mean(out, sparsity, layer_sizes)
 
 
@@ -113,7 +131,8 @@ def allocation_with_record(method: str, sparsity: float, *, lm=None, calib_seque
         c, src = activation_counts(profile_dir=profile_dir, lm=lm, calib_sequences=seqs,
                                    gamma=gamma, gamma_quantile=gamma_quantile, progress=progress)
         info["counts"] = src
-        kw.update(counts=c.layer_counts, layer_sizes=c.scored_per_layer)
+        kw.update(counts=c.layer_counts, layer_sizes=c.scored_per_layer,
+                  matrix_counts=c.matrix_counts, matrix_sizes=c.scored_per_matrix or None)
     if "calibration" in entry.needs:
         kw.update(batch_size=batch_size, progress=progress)
     if "held" in entry.needs:
@@ -133,4 +152,6 @@ def allocation_with_record(method: str, sparsity: float, *, lm=None, calib_seque
     s = allocate(method, sparsity, model=None if lm is None else lm.model,
                  calib_inputs=calib_sequences, info=info, **kw)
     info["layer_sparsities"] = s
+    if hasattr(s, "per_matrix"):
+        info["matrix_sparsities"] = s.per_matrix
     return s, info

@@ -207,7 +207,7 @@ def prune_model(model: nn.Module, calib_sequences: list[list[int]] | None,
     report = {"pruner": pruner, "pattern": pattern, "matrices": [], "layers": []}
     for i in tqdm(range(len(layers)), desc=f"pruning ({pruner})", unit="layer",
                   disable=not progress):
-        prune_layer(layers[i], i, per_layer[i], p, sparsities[i], nm, inputs, report)
+        prune_layer(layers[i], i, per_layer[i], p, sparsities, nm, inputs, report)
         if inputs is not None and i + 1 < len(layers):
             inputs.hidden = [inputs.call(layers[i], i, b, hs) for b, hs in
                              enumerate(inputs.hidden)]
@@ -220,16 +220,28 @@ def layer_targets(sparsities: list[float], n_layers: int,
     if len(sparsities) != n_layers:
         raise UserError(f"{len(sparsities)} layer sparsities for a model with {n_layers} "
                         "decoder layers; give one per layer")
-    sparsities = [validate_sparsity(s) for s in sparsities]
-    return [nm[0] / nm[1]] * n_layers if nm else sparsities
+    if nm:
+        return [nm[0] / nm[1]] * n_layers
+    per_matrix = getattr(sparsities, "per_matrix", None)  # a per_matrix.MatrixSparsities
+    for v in [sparsities] if per_matrix is None else per_matrix.values():
+        for x in v:
+            validate_sparsity(x)
+    return sparsities if per_matrix is not None else [float(x) for x in sparsities]
 
 
-def prune_layer(layer: nn.Module, i: int, matrices: list[ScoredMatrix], p, sparsity: float,
+def matrix_target(sparsities, i: int, matrix: str) -> float:
+    """The sparsity of matrix type ``matrix`` in layer ``i``: its own under a per-matrix
+    allocation, else the layer's S_i."""
+    per_matrix = getattr(sparsities, "per_matrix", None)
+    return float(sparsities[i] if per_matrix is None else per_matrix[matrix][i])
+
+
+def prune_layer(layer: nn.Module, i: int, matrices: list[ScoredMatrix], p, sparsities,
                 nm: tuple[int, int] | None, inputs, report: dict) -> None:
     """One step of the sequential loop: collect the pruner's input statistic on layer ``i``
-    (its calibration inputs, when the pruner needs one), prune each of its matrices to
-    ``sparsity`` (or N:M), and append what was achieved to ``report``. The caller moves the
-    calibration inputs on through the pruned layer."""
+    (its calibration inputs, when the pruner needs one), prune each of its matrices to its
+    target in ``sparsities`` (``matrix_target``; N:M when ``nm``), and append what was achieved
+    to ``report``. The caller moves the calibration inputs on through the pruned layer."""
     stats = None
     if inputs is not None:
         stats = _InputStats(matrices, p.stat)
@@ -240,7 +252,9 @@ def prune_layer(layer: nn.Module, i: int, matrices: list[ScoredMatrix], p, spars
         finally:
             stats.remove()
     zeros = total = 0
+    target = 0.0
     for sm in matrices:
+        sparsity = matrix_target(sparsities, i, sm.matrix)
         w = sm.weight.detach().float()
         if sparsity > 0 or nm:
             w = p.prune(w, None if stats is None else stats.get(sm.name), sparsity, nm)
@@ -248,11 +262,14 @@ def prune_layer(layer: nn.Module, i: int, matrices: list[ScoredMatrix], p, spars
         z = int((sm.module.weight == 0).sum())
         zeros += z
         total += w.numel()
+        target += sparsity * w.numel()
         report["matrices"].append({"name": sm.name, "layer": i, "matrix": sm.matrix,
                                    "shape": list(w.shape), "target": sparsity,
                                    "achieved": z / w.numel()})
-    report["layers"].append({"layer": i, "target": sparsity, "achieved": zeros / total,
-                             "weights": total})
+    per_layer = getattr(sparsities, "per_matrix", None) is None
+    report["layers"].append({"layer": i,
+                             "target": float(sparsities[i]) if per_layer else target / total,
+                             "achieved": zeros / total, "weights": total})
 
 
 def finish_report(report: dict, start: float) -> dict:

@@ -93,7 +93,7 @@ def prune_streamed(sm: StreamedModel, calib_sequences: list[list[int]] | None,
     for i in tqdm(range(n), desc=f"pruning ({pruner}, streamed)", unit="layer",
                   disable=not progress):
         layer = sm.load_layer(i)
-        prune_layer(layer, i, per_layer[i], p, sparsities[i], nm, inputs, report)
+        prune_layer(layer, i, per_layer[i], p, sparsities, nm, inputs, report)
         prefix = f"{sm.layer_prefix}.{i}."
         written += _write_shard(out, SHARD.format(i + 1, shards),
                                 {prefix + k: v for k, v in _unique(layer.state_dict()).items()},
