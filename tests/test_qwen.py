@@ -547,7 +547,8 @@ def test_allocate(method, gguf, work, capsys):
 
     out = work / f"allocation-{method}.json"
     # the search and ATP's grid are cut to a few candidates: the smoke test checks the wiring
-    cheap = {"search": ["--search-budget", "6"], "atp": ["--atp-step", "0.02"]}.get(method, [])
+    cheap = {"search": ["--search-budget", "6"], "search-matrix": ["--search-budget", "6"],
+             "atp": ["--atp-step", "0.02"]}.get(method, [])
     argv = ["allocate", "--method", method, "--sparsity", "0.5", "--profile", work / "profile-a",
             "--json", out, *CALIB, *cheap, *SIZES]
     capsys.readouterr()
