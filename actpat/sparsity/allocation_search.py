@@ -377,14 +377,19 @@ def split_held(samples, held: int):
 # --------------------------------------------------------------------------- the allocator
 
 
-@register_allocator("search", needs=("counts", "model", "calibration", "held"), options=(
+# the options of search and search-matrix (the same start formula and the same search)
+SEARCH_OPTIONS = (
     Option("alpha", 2.0, "activation: sigmoid shift (2)"),
     Option("beta", 0.2, "activation: spread (0.2)"),
     Option("search_budget", DEFAULT_BUDGET, "search: scored candidates (64: about 10 min of "
            "one core for SmolLM2)"),
     Option("search_step", DEFAULT_STEP, "search: sparsity one pair move shifts (0.02)"),
     Option("search_seed", 0, "search: seed of the moves (0)"),
-    HELD_OPTION))
+    HELD_OPTION)
+
+
+@register_allocator("search", needs=("counts", "model", "calibration", "held"),
+                    options=SEARCH_OPTIONS)
 def search_allocation(sparsity, *, model=None, calib_inputs=None, held_inputs=None,
                       counts=None, layer_sizes=None, alpha: float = 2.0, beta: float = 0.2,
                       search_budget: float = DEFAULT_BUDGET,
@@ -410,14 +415,7 @@ def search_allocation(sparsity, *, model=None, calib_inputs=None, held_inputs=No
 
 
 @register_allocator("search-matrix", needs=("counts", "model", "calibration", "held"),
-                    per_matrix=True, options=(
-    Option("alpha", 2.0, "activation: sigmoid shift (2)"),
-    Option("beta", 0.2, "activation: spread (0.2)"),
-    Option("search_budget", DEFAULT_BUDGET, "search: scored candidates (64: about 10 min of "
-           "one core for SmolLM2)"),
-    Option("search_step", DEFAULT_STEP, "search: sparsity one pair move shifts (0.02)"),
-    Option("search_seed", 0, "search: seed of the moves (0)"),
-    HELD_OPTION))
+                    per_matrix=True, options=SEARCH_OPTIONS)
 def search_matrix_allocation(sparsity, *, model=None, calib_inputs=None, held_inputs=None,
                              matrix_counts=None, matrix_sizes=None, alpha: float = 2.0,
                              beta: float = 0.2, search_budget: float = DEFAULT_BUDGET,
