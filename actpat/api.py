@@ -24,7 +24,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu",
 def as_loaded(model, tokenizer=None) -> LoadedModel:
     """A ``LoadedModel`` for a handle or for any in-memory causal LM and its tokenizer."""
     from .errors import UserError
-    from .models.loading import get_adapter
+    from .models.architectures import get_adapter
 
     if isinstance(model, LoadedModel):
         if tokenizer is not None and tokenizer is not model.tokenizer:
@@ -112,7 +112,7 @@ def prune(model, tokenizer=None, calibration_texts: Sequence[str] | None = None,
     ``counts``), or one target sparsity per decoder layer.
     """
     from .errors import UserError
-    from .models.loading import decoder_layers
+    from .models.architectures import decoder_layers
     from .sparsity.layerwise import prune_model
     from .sparsity.pruners import get_pruner
 
