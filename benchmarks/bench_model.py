@@ -45,7 +45,8 @@ PROMPT, NEW = 32, 128
 def _resolve(spec: str) -> str:
     if Path(spec).is_dir():
         return spec
-    from actpat.models.loading import gguf_to_safetensors, resolve_spec
+    from actpat.models.gguf_cache import gguf_to_safetensors
+    from actpat.models.loading import resolve_spec
 
     path = resolve_spec(spec)
     if path.endswith(".gguf"):
