@@ -5,7 +5,6 @@ through the CLI), and the per-matrix search on a tiny model."""
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
