@@ -47,7 +47,7 @@ def allocate(method: str, sparsity: float, *, counts=None, layer_sizes: list[int
         counts = counts.layer_counts
     if layer_sizes is None and model is not None:
         layer_sizes = model_layer_sizes(model)
-    if matrix_sizes is None and model is not None:
+    if entry.per_matrix and matrix_sizes is None and model is not None:
         matrix_sizes = model_matrix_sizes(model)
     options = {o.name: kw.pop(o.name, o.default) for o in entry.options}
     out = entry.fn(sparsity, counts=counts, layer_sizes=layer_sizes, model=model,

@@ -43,11 +43,6 @@ class MatrixSparsities(list):
         self.per_matrix = {t: [float(x) for x in per_matrix[t]] for t in types}
         self.sizes = {t: [int(x) for x in sizes[t]] for t in types}
 
-    def layers(self, keep: list[int]) -> "MatrixSparsities":
-        """The allocation of the layers ``keep`` only (in that order)."""
-        return MatrixSparsities({t: [v[i] for i in keep] for t, v in self.per_matrix.items()},
-                                {t: [v[i] for i in keep] for t, v in self.sizes.items()})
-
 
 def flatten(per_matrix: dict[str, list[float]]) -> list[float]:
     """Type-major order: every layer of the first type, then the next type."""
