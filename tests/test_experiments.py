@@ -102,6 +102,12 @@ def test_plans_and_cli(tmp_path, capsys):
     names = [c.name for c in table1_configs()]
     assert names[0] == "dense" and len(names) == len(set(names))
     assert "wanda-activation-0.5-c4-s2" in names and "sparsegpt-uniform-2of4-c4-s0" in names
+    # every sparsity gets every seed of the seeded allocations, after its own seed-0 row
+    for s in ("0.5", "0.6", "0.7"):
+        for a in ("uniform", "activation"):
+            rows = [names.index(f"wanda-{a}-{s}-c4-s{k}") for k in (0, 1, 2)]
+            assert rows == sorted(rows)
+    assert names.index("wanda-uniform-0.5-c4-s1") < names.index("wanda-owl-0.5-c4-s0")
     cal = calibration_configs()
     assert [c.calibration for c in cal[1:]] == ["boolq", "mmlu", "siqa", "hellaswag", "c4"]
     assert main(["reproduce", "table1", "--out", str(tmp_path / "r"), "--plan",

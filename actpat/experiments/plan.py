@@ -74,6 +74,12 @@ class Config:
 # --------------------------------------------------------------------------- plans
 
 
+def _seeded_rows(sparsities, seeds, seeded) -> list[Config]:
+    """The Wanda rows of the ``seeded`` allocations for every seed after the first."""
+    return [Config("wanda", a, s, seed=seed)
+            for seed in seeds[1:] for s in sparsities for a in seeded]
+
+
 def table1_configs(sparsities=(0.5, 0.6, 0.7), seeds=(0, 1, 2), zero_shot: bool = True,
                    tasks: tuple[str, ...] = ZERO_SHOT,
                    seeded: tuple[str, ...] = ("uniform", "activation"),
@@ -81,17 +87,16 @@ def table1_configs(sparsities=(0.5, 0.6, 0.7), seeds=(0, 1, 2), zero_shot: bool 
                    sparsegpt: bool = True, nm: bool = True) -> list[Config]:
     """Table 1 in priority order: the cheapest most informative configurations first.
 
-    ``seeds`` beyond the first apply to the Wanda rows of the ``seeded`` allocations at the first
-    sparsities (50% and 60% when asked, else the first one given)."""
+    ``seeds`` beyond the first apply to the Wanda rows of the ``seeded`` allocations at every
+    sparsity: those of the first sparsities (50% and 60% when asked, else the first one given)
+    right after their seed-0 rows, those of the higher ones after the other allocators."""
     out = [Config(None)]
     first = [s for s in sparsities if s in (0.5, 0.6)] or list(sparsities)[:1]
     rest = [s for s in sparsities if s not in first]
     for s in first:  # 1. magnitude, Wanda uniform vs activation, seed 0
         out += [Config("magnitude", "uniform", s), Config("wanda", "uniform", s),
                 Config("wanda", "activation", s)]
-    for seed in seeds[1:]:  # 2. seeds of the rows the verdict rests on
-        for s in first:
-            out += [Config("wanda", a, s, seed=seed) for a in seeded]
+    out += _seeded_rows(first, seeds, seeded)  # 2. seeds of the rows the verdict rests on
     for s in list(first) + rest:  # 3. the other allocators and SparseGPT, higher sparsity
         if s in rest:
             out += [Config("magnitude", "uniform", s), Config("wanda", "uniform", s),
@@ -99,6 +104,7 @@ def table1_configs(sparsities=(0.5, 0.6, 0.7), seeds=(0, 1, 2), zero_shot: bool 
         out += [Config("wanda", a, s) for a in allocations if a not in ("uniform", "activation")]
         if sparsegpt:
             out += [Config("sparsegpt", "uniform", s), Config("sparsegpt", "activation", s)]
+    out += _seeded_rows(rest, seeds, seeded)  # the seeds of the higher sparsities
     if nm:
         out += [Config("wanda", "uniform", 0.5, "2:4"), Config("sparsegpt", "uniform", 0.5, "2:4")]
     if zero_shot:  # 4. zero-shot at 50%
