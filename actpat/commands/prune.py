@@ -24,6 +24,7 @@ OWNED = ("config.json", "generation_config.json", "model.safetensors",
 
 def add_arguments(p) -> None:
     from ..sparsity.pruners import PRUNERS
+    from ..sparsity.saving import SAVE_DTYPES
 
     p.add_argument("--model", required=True, help="alias (smollm2-135m), .gguf, directory, hub id")
     p.add_argument("--sparsity", type=float, required=True, help="target S in [0, 1)")
@@ -34,6 +35,9 @@ def add_arguments(p) -> None:
     add_depth_arguments(p)
     p.add_argument("--save", required=True, help="output directory (HF checkpoint)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --save")
+    p.add_argument("--save-dtype", default="auto", choices=SAVE_DTYPES,
+                   help="dtype of the saved weights; auto (default): the checkpoint's own (a "
+                        "bfloat16 model pruned with --dtype float32 is saved in bfloat16)")
     p.add_argument("--offload", default="none", choices=["none", "cpu"],
                    help="cpu: keep the model in CPU memory and bring one decoder layer at a time "
                         "onto --device (models larger than the GPU)")
@@ -127,7 +131,7 @@ def run(args) -> int:
     from ..sparsity.layerwise import prune_model
     from ..sparsity.pruners import get_pruner
     from ..sparsity.masks import parse_pattern, validate_sparsity
-    from ..sparsity.saving import prune_record, save_pruned
+    from ..sparsity.saving import prune_record, save_dtype, save_pruned
     from ..runs import prepare_out_dir
 
     validate_sparsity(args.sparsity)
@@ -215,7 +219,8 @@ def run(args) -> int:
                                              "indices": held_indices,
                                              "drawn": "after the calibration windows"}
     record["total_seconds"] = round(time.perf_counter() - start, 3)
-    save_pruned(lm.model, lm.tokenizer, out, record)
+    save_pruned(lm.model, lm.tokenizer, out, record,
+                save_dtype(args.save_dtype, lm.identity.get("stored_dtype"), args.dtype))
     if depth:
         print(f"removed {len(depth['removed'])} of {depth['num_layers_before']} decoder layers "
               f"by {args.layer_score}: {depth['removed']}")
@@ -230,7 +235,7 @@ def _run_streamed(args, out, start, why) -> int:
     from ..models.streamed import open_streamed
     from ..runs import write_json
     from ..sparsity.pruners import get_pruner
-    from ..sparsity.saving import PRUNE_RECORD, prune_record
+    from ..sparsity.saving import PRUNE_RECORD, prune_record, save_dtype
     from ..sparsity.streamed import prune_streamed
 
     if getattr(args, "offload", "none") != "none":
@@ -247,13 +252,15 @@ def _run_streamed(args, out, start, why) -> int:
     samples = load_calibration(args, sm) if pruner.stat is not None else None
     sparsities, alloc = resolve_allocation(args, args.allocation, sm, samples)
     report = prune_streamed(sm, None if samples is None else samples.sequences, sparsities, out,
-                            args.pruner, args.pattern, args.batch_size, progress=not args.quiet)
+                            args.pruner, args.pattern, args.batch_size, progress=not args.quiet,
+                            save_dtype=save_dtype(args.save_dtype, sm.identity.get("stored_dtype"),
+                                                  args.dtype))
     record = prune_record(sm, args.pruner, args.pattern, alloc, args.sparsity, report,
                           None if samples is None else calibration_info(args, samples),
                           seed=args.seed, dtype=args.dtype, batch_size=args.batch_size,
                           command="actpat " + " ".join(sys.argv[1:])
                           if sys.argv[0].endswith("actpat") else None)
-    record["streamed"] = report["streamed"]
+    record["streamed"], record["saved_dtype"] = report["streamed"], report["saved_dtype"]
     record["total_seconds"] = round(time.perf_counter() - start, 3)
     write_json(out / PRUNE_RECORD, record)
     print(f"pruned {args.model} with {args.pruner} ({args.pattern}, {args.allocation}), "

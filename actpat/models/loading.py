@@ -117,7 +117,21 @@ def load_model(
     tokenizer.padding_side = "right"
     get_adapter(model)  # fail early on unknown architectures
     model.eval().to(resolve_device(device))
+    identity["stored_dtype"] = stored_dtype(directory)
     return LoadedModel(model, tokenizer, spec, identity)
+
+
+def stored_dtype(directory: str) -> str | None:
+    """The dtype a checkpoint's ``config.json`` says its weights are stored in (``bfloat16``,
+    ``float16`` or ``float32``; a GGUF file's cache is ``float32``), or None if it says none."""
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(directory)
+    except (OSError, ValueError):
+        return None
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "").replace("torch.", "")
+    return dtype if dtype in ("float32", "bfloat16", "float16") else None
 
 
 def _in_hub_cache(repo_id: str) -> bool:

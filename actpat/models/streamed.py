@@ -36,7 +36,7 @@ from torch import nn
 from ..errors import UserError
 from .architectures import decoder_layers, get_adapter
 from .gguf_cache import gguf_to_safetensors
-from .loading import LoadedModel, parse_dtype, resolve_spec
+from .loading import LoadedModel, parse_dtype, resolve_spec, stored_dtype
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -302,6 +302,7 @@ def open_streamed(spec: str, dtype: str | torch.dtype = "float32",
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     directory, identity = checkpoint_directory(spec)
+    identity["stored_dtype"] = stored_dtype(directory)
     torch_dtype = parse_dtype(dtype)
     try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)

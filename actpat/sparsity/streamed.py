@@ -54,7 +54,8 @@ def _unique(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _write_shard(out: Path, name: str, tensors: dict[str, torch.Tensor],
-                 weight_map: dict[str, str]) -> int:
+                 weight_map: dict[str, str], dtype: torch.dtype) -> int:
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     size = write_safetensors(out / name, tensors, {"format": "pt"})
     for k in tensors:
         weight_map[k] = name
@@ -65,9 +66,10 @@ def _write_shard(out: Path, name: str, tensors: dict[str, torch.Tensor],
 def prune_streamed(sm: StreamedModel, calib_sequences: list[list[int]] | None,
                    sparsities: list[float], out_dir: str | Path, pruner: str = "wanda",
                    pattern: str = "unstructured", batch_size: int = 8,
-                   progress: bool = True) -> dict:
-    """Prune ``sm`` layer by layer into the checkpoint ``out_dir``; returns the report of
-    ``prune_model`` plus ``streamed`` (bytes read and written, layer loads)."""
+                   progress: bool = True, save_dtype: str | None = None) -> dict:
+    """Prune ``sm`` layer by layer into the checkpoint ``out_dir``, its weights written in
+    ``save_dtype`` (default: the compute dtype); returns the report of ``prune_model`` plus
+    ``streamed`` (bytes read and written, layer loads)."""
     from tqdm.auto import tqdm
 
     p = get_pruner(pruner)
@@ -76,6 +78,7 @@ def prune_streamed(sm: StreamedModel, calib_sequences: list[list[int]] | None,
     sparsities = layer_targets(sparsities, n, nm)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    target = getattr(torch, save_dtype) if save_dtype else sm.dtype
     start = time.perf_counter()
     read0 = sm.bytes_read
     per_layer: dict[int, list] = {}
@@ -97,22 +100,25 @@ def prune_streamed(sm: StreamedModel, calib_sequences: list[list[int]] | None,
         prefix = f"{sm.layer_prefix}.{i}."
         written += _write_shard(out, SHARD.format(i + 1, shards),
                                 {prefix + k: v for k, v in _unique(layer.state_dict()).items()},
-                                weight_map)
+                                weight_map, target)
         if inputs is not None and i + 1 < n:
             inputs.hidden = [inputs.call(layer, i, b, hs) for b, hs in enumerate(inputs.hidden)]
         sm.free_layer(i)
     resident = {k: v for k, v in sm.model.state_dict().items()
                 if not k.startswith(sm.layer_prefix + ".")}
-    written += _write_shard(out, SHARD.format(shards, shards), _unique(resident), weight_map)
+    written += _write_shard(out, SHARD.format(shards, shards), _unique(resident), weight_map,
+                            target)
     index = {"metadata": {"total_size": written}, "weight_map": dict(sorted(weight_map.items()))}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     (out / "model.safetensors").unlink(missing_ok=True)  # a single-file checkpoint of before
     config = sm.model.config
-    config.dtype = sm.dtype
+    compute, config.dtype = config.dtype, target
     config.save_pretrained(out)
+    config.dtype = compute
     if sm.tokenizer is not None:
         sm.tokenizer.save_pretrained(out)
     finish_report(report, start)
     report["streamed"] = {"layer_loads": n, "checkpoint_bytes_read": sm.bytes_read - read0,
                           "bytes_written": written, "shards": shards}
+    report["saved_dtype"] = str(target).replace("torch.", "")
     return report
