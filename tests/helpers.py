@@ -290,3 +290,21 @@ def make_synthetic_data(root: Path, rows: int = 420, seed: int = 0) -> Path:
                             "relatedness_score": round(rng.uniform(1, 5), 2),
                             "entailment_label": "NEUTRAL"} for i in range(rows)])
     return root
+
+
+def tiny_task_data(root) -> str:
+    """A data dir with tiny wikitext2 / c4 / piqa / siqa files (short texts for a 128-token model)."""
+    (root / "wikitext2").mkdir(parents=True)
+    (root / "wikitext2" / "test.txt").write_text(" \n = Title = \n \n" + " The cat sat on the mat .\n" * 30)
+    (root / "c4").mkdir()
+    (root / "c4" / "validation.jsonl").write_text(
+        "".join(json.dumps({"text": f"Doc {i}: some words here and there."}) + "\n" for i in range(40)))
+    (root / "piqa").mkdir()
+    rows = [{"goal": f"open jar {i}", "sol1": "twist lid", "sol2": "hit it" + "!" * i,
+             "label": i % 2} for i in range(6)]
+    (root / "piqa" / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "siqa").mkdir()
+    rows = [{"context": f"Ann met Bo {i}.", "question": "Why?", "answerA": "to talk",
+             "answerB": "to eat", "answerC": "to run far", "label": str(1 + i % 3)} for i in range(6)]
+    (root / "siqa" / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(root)

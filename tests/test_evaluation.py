@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_task_data
 from tiny import tiny_model
 from tinylm import char_tokenizer, save_tiny_lm
 
@@ -51,26 +52,8 @@ def test_window_nll_rejects_bad_sizes():
         window_nll(model, torch.arange(40), 16, limit=0)
 
 
-def _tiny_data(root):
-    """A data dir with tiny wikitext2 / c4 / piqa / siqa files (short texts for a 128-token model)."""
-    (root / "wikitext2").mkdir(parents=True)
-    (root / "wikitext2" / "test.txt").write_text(" \n = Title = \n \n" + " The cat sat on the mat .\n" * 30)
-    (root / "c4").mkdir()
-    (root / "c4" / "validation.jsonl").write_text(
-        "".join(json.dumps({"text": f"Doc {i}: some words here and there."}) + "\n" for i in range(40)))
-    (root / "piqa").mkdir()
-    rows = [{"goal": f"open jar {i}", "sol1": "twist lid", "sol2": "hit it" + "!" * i,
-             "label": i % 2} for i in range(6)]
-    (root / "piqa" / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "siqa").mkdir()
-    rows = [{"context": f"Ann met Bo {i}.", "question": "Why?", "answerA": "to talk",
-             "answerB": "to eat", "answerC": "to run far", "label": str(1 + i % 3)} for i in range(6)]
-    (root / "siqa" / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(root)
-
-
 def test_corpus_joins_rows_like_wanda(tmp_path):
-    data = _tiny_data(tmp_path / "data")
+    data = tiny_task_data(tmp_path / "data")
     tok = char_tokenizer()
     corpus = load_corpus(tok, "wikitext2", data)
     text = (tmp_path / "data" / "wikitext2" / "test.txt").read_text()
@@ -125,7 +108,7 @@ def _check_against_reference(model, tok, res, task, docs, prompt, choices_of, go
 
 
 def test_zero_shot_matches_independent_scorer_tiny(tmp_path):
-    data = _tiny_data(tmp_path / "data")
+    data = tiny_task_data(tmp_path / "data")
     model, tok = tiny_model("llama"), char_tokenizer()
     res = zero_shot(model, tok, ["piqa", "siqa"], limit=4, batch_size=3, data_dir=data,
                     log_samples=True)
@@ -143,7 +126,7 @@ def test_zero_shot_matches_independent_scorer_tiny(tmp_path):
 
 
 def test_eval_command_writes_json(tmp_path, capsys):
-    data = _tiny_data(tmp_path / "data")
+    data = tiny_task_data(tmp_path / "data")
     model_dir = save_tiny_lm(tmp_path / "m")
     out = tmp_path / "r.json"
     rc = main(["eval", "--model", model_dir, "--tasks", "wikitext2,c4,piqa", "--limit", "2",

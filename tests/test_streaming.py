@@ -17,6 +17,7 @@ from actpat.models.loading import load_model
 from actpat.models.streamed import open_streamed
 from actpat.sparsity.layerwise import prune_model
 from actpat.sparsity.streamed import prune_streamed
+from helpers import tiny_task_data
 from tiny import ARCHS
 from tinylm import save_tiny_lm
 
@@ -205,10 +206,54 @@ def test_commands_stream_and_budget_switch(dirs, tmp_path):
     assert record["streamed"]["layer_loads"] == 2 and record["achieved_sparsity"] > 0.45
 
 
-def test_eval_refuses_streamed_zero_shot(dirs):
-    r = _cli("eval", "--model", dirs["llama"], "--tasks", "boolq", "--stream-layers",
-             "--device", "cpu", check=False)
-    assert r.returncode == 2 and "not streamed" in r.stderr and "Traceback" not in r.stderr
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_streamed_zero_shot_equals_in_memory(tmp_path, arch):
+    """Same items, same log-likelihoods (float32 rounding of other batch shapes), same acc."""
+    from actpat.evaluation.evaluate import zero_shot
+    from actpat.evaluation.streamed import zero_shot_streamed
+
+    data = tiny_task_data(tmp_path / "data")
+    d = save_tiny_lm(tmp_path / arch, arch)
+    lm = load_model(d)
+    ref = zero_shot(lm.model, lm.tokenizer, ["piqa", "siqa"], limit=5, batch_size=3,
+                    data_dir=data, log_samples=True, progress=False)
+    sm = open_streamed(d)
+    got = zero_shot_streamed(sm, ["piqa", "siqa"], limit=5, batch_size=2, data_dir=data,
+                             group=4, log_samples=True)
+    for t in ("piqa", "siqa"):
+        a = {s["doc_id"]: [float(r[0][0]) for r in s["resps"]] for s in ref[t]["samples"]}
+        b = {s["doc_id"]: [float(r[0][0]) for r in s["resps"]] for s in got[t]["samples"]}
+        assert list(a) == list(b) and len(a) == 5
+        for k in a:
+            assert b[k] == pytest.approx(a[k], abs=1e-5), (t, k)
+        for key in ("acc", "acc_norm", "n", "pred_share", "dtype"):
+            assert got[t][key] == ref[t][key], (t, key)
+        # 5 piqa items x 2 choices + 5 siqa x 3 = 25 requests, groups of 4: 7 walks
+        assert got[t]["streamed"]["layer_loads"] == 7 * sm.num_layers
+
+
+def test_eval_streams_zero_shot(dirs, tmp_path):
+    data = tiny_task_data(tmp_path / "data")
+    out = tmp_path / "e.json"
+    _cli("eval", "--model", dirs["llama"], "--tasks", "wikitext2,piqa", "--limit", "4",
+         "--seq-len", "16", "--data-dir", data, "--stream-layers", "--device", "cpu",
+         "--quiet", "--json", str(out))
+    mem = tmp_path / "m.json"
+    _cli("eval", "--model", dirs["llama"], "--tasks", "wikitext2,piqa", "--limit", "4",
+         "--seq-len", "16", "--data-dir", data, "--device", "cpu", "--quiet", "--json", str(mem))
+    a, b = json.loads(out.read_text()), json.loads(mem.read_text())
+    assert list(a) == ["wikitext2", "piqa"] and a["piqa"]["n"] == 4
+    assert a["piqa"]["acc"] == b["piqa"]["acc"] and "streamed" in a["piqa"]
+    assert a["wikitext2"]["ppl"] == pytest.approx(b["wikitext2"]["ppl"], rel=1e-6)
+
+
+def test_streamed_generation_tasks_are_refused(dirs):
+    from actpat.errors import UserError
+    from actpat.evaluation.streamed import streamed_lm
+
+    lm = streamed_lm(open_streamed(dirs["llama"]))
+    with pytest.raises(UserError, match="not streamed"):
+        lm.generate_until([])
 
 
 def test_stream_needs_a_local_checkpoint(tmp_path):

@@ -23,7 +23,7 @@ def add_arguments(p) -> None:
     p.add_argument("--json", default=None, help="write {task: {metric: value, ...}} here")
     p.add_argument("--max-memory", default=None, help=BUDGET_HELP)
     p.add_argument("--stream-layers", action="store_true",
-                   help=STREAM_HELP + "; perplexity tasks only")
+                   help=STREAM_HELP + "; perplexity and multiple-choice zero-shot tasks")
     add_common(p)
 
 
@@ -54,10 +54,9 @@ def run(args) -> int:
                         "tokens; lower --seq-len")
     results = evaluate(lm.model, lm.tokenizer, tasks, args.limit, args.seq_len, args.batch_size,
                        args.data_dir, progress=not args.quiet)
-    starts = {r["window_start"] for r in results.values() if "window_start" in r}
-    rule = ("BOS + seq_len-1 stream tokens per window, all predicted" if starts == {"bos"} else
-            "seq_len stream tokens per window, the first not predicted")
-    print(f"# model: {args.model}" + (f"  (perplexity: {rule})" if starts else ""))
+    starts = any("window_start" in r for r in results.values())
+    print(f"# model: {args.model}" + (f"  (perplexity: {_window_rule(results)})"
+                                      if starts else ""))
     print(format_table(results))
     if args.json:
         write_json(args.json, results)
@@ -65,33 +64,40 @@ def run(args) -> int:
 
 
 def _run_streamed(args, tasks, why) -> int:
-    """Perplexity with decoder layers read from disk one at a time."""
+    """Perplexity and zero-shot with decoder layers read from disk one at a time."""
     import sys
 
     from ..evaluation.evaluate import PERPLEXITY_SPLITS, format_table, load_corpus, require_tasks
-    from ..evaluation.streamed import perplexity_streamed
+    from ..evaluation.streamed import perplexity_streamed, zero_shot_streamed
     from ..models.streamed import open_streamed
     from ..runs import write_json
 
-    shots = [t for t in tasks if t not in PERPLEXITY_SPLITS]
-    if shots:
-        raise UserError(f"zero-shot tasks ({','.join(shots)}) are not streamed; with "
-                        "--stream-layers (or a --max-memory the model exceeds) give "
-                        "--tasks wikitext2,c4")
     require_tasks(tasks, args.data_dir)
     if why and why != "--stream-layers" and not args.quiet:
         print(why, file=sys.stderr)
     sm = open_streamed(args.model, args.dtype, args.trust_remote_code)
     context = getattr(sm.model.config, "max_position_embeddings", None)
-    if context and args.seq_len > context:
+    ppl = [t for t in tasks if t in PERPLEXITY_SPLITS]
+    if context and args.seq_len > context and ppl:
         raise UserError(f"--seq-len {args.seq_len} exceeds the model's context of {context} "
                         "tokens; lower --seq-len")
     results = {t: perplexity_streamed(sm, load_corpus(sm.tokenizer, t, args.data_dir),
                                       args.seq_len, args.limit, args.batch_size,
-                                      progress=not args.quiet) for t in tasks}
-    print(f"# model: {args.model}  (streamed; perplexity: seq_len-1 predictions per window, "
-          "first token of each window not predicted)")
+                                      progress=not args.quiet) for t in ppl}
+    shots = [t for t in tasks if t not in PERPLEXITY_SPLITS]
+    if shots:
+        results.update(zero_shot_streamed(sm, shots, args.limit, args.batch_size, args.data_dir,
+                                          progress=not args.quiet))
+    results = {t: results[t] for t in tasks}
+    print(f"# model: {args.model}  (streamed" + (f"; perplexity: {_window_rule(results)})"
+                                                 if ppl else ")"))
     print(format_table(results))
     if args.json:
         write_json(args.json, results)
     return 0
+
+
+def _window_rule(results: dict) -> str:
+    starts = {r["window_start"] for r in results.values() if "window_start" in r}
+    return ("BOS + seq_len-1 stream tokens per window, all predicted" if starts == {"bos"} else
+            "seq_len stream tokens per window, the first not predicted")

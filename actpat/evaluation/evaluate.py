@@ -193,13 +193,21 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None,
     ``log_samples`` it also holds ``samples``: lm-eval's per-item records (arguments,
     log-likelihoods, acc) for checking. Without ``progress`` lm-eval's own bars are silenced.
     """
+    configs, sources = prepare_tasks(tasks, limit, data_dir)
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+              device=str(next(model.parameters()).device))
+    with float32_logits(model):
+        return run_tasks(lm, model, tasks, configs, sources, limit, log_samples, progress)
+
+
+def prepare_tasks(tasks: list[str], limit: int | None,
+                  data_dir: str | None) -> tuple[dict, dict]:
+    """Each zero-shot task's lm-eval config and data source, checked before any model runs."""
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1 (got {limit})")
     import logging
-
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     for noisy in ("lm_eval", "lm-eval"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -207,13 +215,20 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None,
     for name in tasks:
         configs[name], sources[name] = task_config(name, data_dir)
         _require_source(name, sources[name], data_dir)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-              device=str(next(model.parameters()).device))
+    return configs, sources
+
+
+def run_tasks(lm, model, tasks: list[str], configs: dict, sources: dict, limit: int | None,
+              log_samples: bool = False, progress: bool = True) -> dict:
+    """``zero_shot``'s results for any lm-eval ``LM`` ``lm`` computing with ``model``."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
     start = time.perf_counter()
     try:
         # our configs are self-contained: skip indexing lm-eval's thousands of built-in YAMLs
         manager = TaskManager(include_defaults=False)
-        with _lm_eval_quiet(progress), float32_logits(model):
+        with _lm_eval_quiet(progress):
             res = lm_eval.simple_evaluate(model=lm, tasks=list(configs.values()), limit=limit,
                                           bootstrap_iters=0, log_samples=True,
                                           verbosity="ERROR", task_manager=manager)
@@ -234,8 +249,8 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None,
         r = res["results"][key]
         n = int(res["n-samples"][key]["effective"])
         out[name] = {"acc": float(r["acc,none"]), "acc_norm": float(r["acc_norm,none"]),
-                     "n": n, "dtype": model_dtype(model), "split": TASKS[name].split, "source": sources[name],
-                     **answer_shares(res["samples"][key])}
+                     "n": n, "dtype": model_dtype(model), "split": TASKS[name].split,
+                     "source": sources[name], **answer_shares(res["samples"][key])}
         if log_samples:
             out[name]["samples"] = res["samples"][key]
     total = sum(v["n"] for v in out.values())
