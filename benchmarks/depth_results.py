@@ -94,8 +94,8 @@ def main() -> None:
         print(f"{name}: {result['seconds']} s", flush=True)
         return result
 
-    prof_dir = out / "profile"
-    if not (prof_dir / PROFILE_FILE).exists():
+    prof_dir = out / "profile"  # only the scores step reads it
+    if not (out / "scores.json").exists() and not (prof_dir / PROFILE_FILE).exists():
         meta = {"model": lm.identity, "dataset": "c4", "split": "train", "seed": 0,
                 "seq_len": args.seq_len, "data_source": calib.source,
                 "sample_indices": calib.indices[:n_cal]}
