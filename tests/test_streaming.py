@@ -186,8 +186,8 @@ def test_commands_stream_and_budget_switch(dirs, tmp_path):
               "--no-cache", "--device", "cpu"]
     _cli("profile", "--model", model, *common, "--out", str(tmp_path / "mem"))
     _cli("profile", "--model", model, *common, "--out", str(tmp_path / "flag"), "--stream-layers")
-    r = _cli("profile", "--model", model, *common, "--out", str(tmp_path / "budget"),
-             "--max-memory", "100KB")
+    _cli("profile", "--model", model, *common, "--out", str(tmp_path / "budget"),
+         "--max-memory", "100KB")
     mem, flag, budget = (Profile.load(tmp_path / d) for d in ("mem", "flag", "budget"))
     assert _rel_frobenius(flag.maps, mem.maps) <= 1e-6
     assert "streamed" in budget.meta and "streamed" not in mem.meta
@@ -254,6 +254,68 @@ def test_streamed_generation_tasks_are_refused(dirs):
     lm = streamed_lm(open_streamed(dirs["llama"]))
     with pytest.raises(UserError, match="not streamed"):
         lm.generate_until([])
+
+
+# ------------------------------------------------------------------ pairs (similarity, sts)
+
+
+def _pairs(n, seed=1):
+    seqs = _seqs(2 * n, seed, 3, 15)
+    return [(seqs[2 * k], seqs[2 * k + 1]) for k in range(n)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streamed_pair_similarity_equals_in_memory(dirs, arch):
+    """Per-layer and per-matrix pair similarities, and the hidden-state baselines of ``sts``,
+    from the streamed engine equal the in-memory ones (7 pairs of unequal lengths: padded
+    batches, a last batch of one pair)."""
+    import numpy as np
+
+    from actpat.analysis.similarity import pair_similarity
+    from actpat.analysis.sts import hidden_state_similarity, hidden_state_similarity_streamed
+
+    pairs = _pairs(7)
+    lm, sm = load_model(dirs[arch]), open_streamed(dirs[arch])
+    ref, got = pair_similarity(lm, pairs, 2), pair_similarity(sm, pairs, 2)
+    assert sm.layers_loaded == 2 * sm.num_layers  # 4 batches in one walk: forward + walk down
+    assert got.layer.shape == ref.layer.shape == (7, sm.num_layers)
+    np.testing.assert_allclose(got.layer, ref.layer, rtol=0, atol=1e-6)
+    assert list(got.matrix) == list(ref.matrix)
+    for t in ref.matrix:
+        np.testing.assert_allclose(got.matrix[t], ref.matrix[t], rtol=0, atol=1e-6)
+    a = hidden_state_similarity(lm, pairs, 4)
+    b = hidden_state_similarity_streamed(sm, pairs, 4, group=2)
+    for k in ("hidden-mean", "hidden-last"):
+        assert b[k].shape == a[k].shape == (7, sm.num_layers)
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6)
+
+
+def test_similarity_and_sts_commands_stream(dirs, tmp_path):
+    model = dirs["llama"]
+    sim = ["similarity", "--model", model, "--dataset", str(PROSE), "--pairs", "3",
+           "--seq-len", "20", "--quiet", "--device", "cpu"]
+    _cli(*sim, "--out", str(tmp_path / "s-mem"))
+    _cli(*sim, "--out", str(tmp_path / "s-str"), "--max-memory", "1KB")  # budget -> streamed
+    a = json.loads((tmp_path / "s-mem" / "similarity.json").read_text())
+    b = json.loads((tmp_path / "s-str" / "similarity.json").read_text())
+    assert b["model"].get("streamed") and not a["model"].get("streamed")
+    got, want = (sum(r["comparisons"][0]["per_pair"], []) for r in (b, a))
+    assert len(got) == 3 * 2 and got == pytest.approx(want, abs=1e-6)
+    rows = [("a cat sat", "the cat sat", 4.0), ("dogs run", "stocks fell", 0.5),
+            ("we eat", "we eat", 5.0), ("red car", "blue sky", 1.0)]
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps({"s1": x, "s2": y, "gold": g}) + "\n" for x, y, g in rows))
+    sts = ["sts", "--model", model, "--dataset", str(f), "--pair-fields", "s1,s2,gold",
+           "--samples", "0", "--bootstrap", "100", "--quiet", "--device", "cpu"]
+    _cli(*sts, "--out", str(tmp_path / "t-mem"))
+    _cli(*sts, "--out", str(tmp_path / "t-str"), "--stream-layers")
+    a = json.loads((tmp_path / "t-mem" / "sts.json").read_text())
+    b = json.loads((tmp_path / "t-str" / "sts.json").read_text())
+    got, want = (sum(r["pair_similarity"], []) for r in (b, a))
+    assert len(got) == 4 * 2 and got == pytest.approx(want, abs=1e-6)
+    assert b["per_layer_spearman"] == pytest.approx(a["per_layer_spearman"], abs=1e-6)
+    for k in a["baselines"]:
+        assert json.dumps(b["baselines"][k]) == json.dumps(a["baselines"][k])
 
 
 def test_stream_needs_a_local_checkpoint(tmp_path):

@@ -70,12 +70,34 @@ def _io_read_bytes() -> int | None:
         return None
 
 
-class _Store:
+class Scratch:
+    """Scratch files for the layer inputs of a group of batches (one file per layer and
+    batch), so that memory does not grow with the number of layers."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def hidden_path(self, i: int, b: int) -> Path:
+        return self.dir / f"hidden-{i:05d}-{b:03d}.safetensors"
+
+    def put_hidden(self, i: int, b: int, h: torch.Tensor) -> None:
+        write_safetensors(self.hidden_path(i, b), {"h": h})
+
+    def get_hidden(self, i: int, b: int) -> torch.Tensor:
+        return load_file(str(self.hidden_path(i, b)))["h"]
+
+    def clear(self) -> None:
+        for p in self.dir.iterdir():
+            p.unlink()
+        self.dir.rmdir()
+
+
+class _Store(Scratch):
     """The run's streamed state: per-layer accumulators, scratch hidden states, the cursor."""
 
     def __init__(self, run_dir: Path, key: str, batch_size: int, samples: int, group: int):
-        self.dir = run_dir / STREAM_DIR
-        self.dir.mkdir(parents=True, exist_ok=True)
+        super().__init__(run_dir / STREAM_DIR)
         self.key = key
         self.state_path = self.dir / "state.json"
         state = {}
@@ -115,23 +137,8 @@ class _Store:
     def save_acc(self, i: int, sums: dict[str, torch.Tensor], cursor: int) -> None:
         write_safetensors(self.acc_path(i), sums, {"key": self.key, "cursor": str(cursor)})
 
-    def hidden_path(self, i: int, b: int) -> Path:
-        return self.dir / f"hidden-{i:05d}-{b:03d}.safetensors"
-
-    def put_hidden(self, i: int, b: int, h: torch.Tensor) -> None:
-        write_safetensors(self.hidden_path(i, b), {"h": h})
-
-    def get_hidden(self, i: int, b: int) -> torch.Tensor:
-        return load_file(str(self.hidden_path(i, b)))["h"]
-
-    def clear(self) -> None:
-        for p in self.dir.iterdir():
-            p.unlink()
-        self.dir.rmdir()
-
-
 @torch.no_grad()
-def _forward_layers(sm: StreamedModel, store: _Store, hidden: list, calls: list) -> tuple:
+def _forward_layers(sm: StreamedModel, store: Scratch, hidden: list, calls: list) -> tuple:
     """Run every layer on each batch's hidden states, storing each layer's inputs (one file
     per layer and batch); the final hidden states of every batch."""
     tuple_out = False
@@ -144,14 +151,18 @@ def _forward_layers(sm: StreamedModel, store: _Store, hidden: list, calls: list)
     return hidden, tuple_out
 
 
-def _score_group_streamed(sm: StreamedModel, store: _Store, mats_by_layer, batches,
-                          objective, group_end: int) -> list[torch.Tensor]:
-    """A group of batches: capture, forward, top gradients, one walk down in which each layer
-    and its accumulator are read once and every batch adds into it in order."""
+def walk_group(sm: StreamedModel, scratch: Scratch, batches, objective, visit
+               ) -> list[torch.Tensor]:
+    """A group of (ids, mask) batches: capture, forward, top gradients, then one walk down in
+    which each layer is read once and every batch, in order, recomputes it and back-propagates
+    while the hooks of ``activation.metric`` hand per-sample activations to sinks.
+
+    ``visit(i)`` -> (matrices of layer i to score, ``sinks(b)`` for batch b, ``done()`` called
+    after the layer). Returns each batch's objective values."""
     fn = get_objective(objective) if isinstance(objective, str) else objective
     caught = [sm.capture(input_ids=ids, attention_mask=mask) for ids, mask in batches]
     calls = [c for _, c in caught]
-    finals, tuple_out = _forward_layers(sm, store, [h for h, _ in caught], calls)
+    finals, tuple_out = _forward_layers(sm, scratch, [h for h, _ in caught], calls)
     del caught
     grads, values = [], []
     for (ids, mask), final in zip(batches, finals):
@@ -164,25 +175,34 @@ def _score_group_streamed(sm: StreamedModel, store: _Store, mats_by_layer, batch
     del finals
     masks = [(mask.to(torch.float32), bool((mask == 0).any())) for _, mask in batches]
     for i in reversed(range(sm.num_layers)):
-        done = store.acc_cursor(i) >= group_end  # resumed: this layer already holds the group
-        acc = MeanAccumulator()
-        if not done:
-            acc.sums = store.load_acc(i)
+        mats, sinks, done = visit(i)
         layer = sm.load_layer(i)
         for b in range(len(batches)):
-            h = store.get_hidden(i, b).requires_grad_(True)
-            with _Hooks(mats_by_layer[i] if not done else [], [acc]) as hooks, \
-                    torch.enable_grad():
+            h = scratch.get_hidden(i, b).requires_grad_(True)
+            with _Hooks(mats, sinks(b)) as hooks, torch.enable_grad():
                 hooks.token_mask, hooks.padded = masks[b]
                 out, _ = call_layer(layer, h, calls[b][i])
                 out.backward(grads[b])
             grads[b] = h.grad
             del out, h
         sm.free_layer(i)
-        if not done:
-            store.save_acc(i, acc.sums, group_end)
-        del acc
+        done()
     return values
+
+
+def _score_group_streamed(sm: StreamedModel, store: _Store, mats_by_layer, batches,
+                          objective, group_end: int) -> list[torch.Tensor]:
+    """A group of batches added into the per-layer accumulators on disk; a layer whose
+    accumulator already holds the group (resumed) passes the gradients on but adds nothing."""
+
+    def visit(i):
+        if store.acc_cursor(i) >= group_end:
+            return [], lambda b: [], lambda: None
+        acc = MeanAccumulator()
+        acc.sums = store.load_acc(i)
+        return mats_by_layer[i], lambda b: [acc], lambda: store.save_acc(i, acc.sums, group_end)
+
+    return walk_group(sm, store, batches, objective, visit)
 
 
 def _write_header(path: Path, entries: list[tuple[str, list[int]]]) -> dict[str, int]:

@@ -128,8 +128,16 @@ def score_grams(lm: LoadedModel, batches: Iterable[Sequence[list[int]]],
                 objective: str = "max-logit", extra_sinks: Sequence = ()) -> Iterator[BatchGram]:
     """Score each batch of token sequences (one forward+backward) and yield its Gram matrices.
 
-    ``extra_sinks`` (e.g. a mean accumulator) receive the same activations.
+    ``extra_sinks`` (e.g. a mean accumulator) receive the same activations. ``lm`` may be a
+    ``StreamedModel`` (one decoder layer in memory: ``score_grams_streamed``).
     """
+    from ..models.streamed import StreamedModel
+
+    if isinstance(lm, StreamedModel):
+        if extra_sinks:
+            raise UserError("the streamed engine scores pairs only (no mean profiles on the side)")
+        yield from score_grams_streamed(lm, batches, objective)
+        return
     model = lm.model
     device = next(model.parameters()).device
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
@@ -139,6 +147,36 @@ def score_grams(lm: LoadedModel, batches: Iterable[Sequence[list[int]]],
         ids, mask = pad_batch(list(batch), pad, device)
         score_batch(model, ids, mask, [sink, *extra_sinks], objective, mats)
         yield sink.pop()
+
+
+def score_grams_streamed(sm, batches: Iterable[Sequence[list[int]]],
+                         objective: str = "max-logit", group: int | None = None
+                         ) -> Iterator[BatchGram]:
+    """``score_grams`` with decoder layers read from disk one at a time
+    (``activation.streaming.walk_group``): ``group`` batches per walk, each batch's Gram
+    matrices gathered layer by layer as the walk comes down; layer inputs go to scratch files
+    in a temporary folder."""
+    import itertools
+    import tempfile
+    from pathlib import Path
+
+    from ..activation.streaming import GROUP_BATCHES, Scratch, walk_group
+
+    pad = sm.tokenizer.pad_token_id if sm.tokenizer.pad_token_id is not None else 0
+    for p in sm.model.parameters():
+        p.requires_grad_(False)
+    by_layer: dict[int, list[ScoredMatrix]] = {}
+    for m in scored_matrices(sm.model):
+        by_layer.setdefault(m.layer, []).append(m)
+    it = iter(batches)
+    with tempfile.TemporaryDirectory(prefix="actpat-pairs-") as tmp:
+        scratch = Scratch(Path(tmp) / "hidden")
+        while chunk := list(itertools.islice(it, group or GROUP_BATCHES)):
+            sinks = [GramSink() for _ in chunk]
+            walk_group(sm, scratch, [pad_batch(list(b), pad) for b in chunk], objective,
+                       lambda i: (by_layer.get(i, []), lambda b: [sinks[b]], lambda: None))
+            for sink in sinks:
+                yield sink.pop()
 
 
 @dataclass

@@ -235,7 +235,7 @@ def hidden_state_similarity(lm: LoadedModel, pairs: list[tuple[list[int], list[i
     layer i (for the last layer, after the final norm where the model applies it there).
     """
     from ..activation.distributed import active, gather_in_order, shard
-    from ..activation.metric import last_positions, pad_batch
+    from ..activation.metric import pad_batch
 
     model = lm.model
     device = next(model.parameters()).device
@@ -249,15 +249,62 @@ def hidden_state_similarity(lm: LoadedModel, pairs: list[tuple[list[int], list[i
         ids, mask = pad_batch(seqs, pad, device)
         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True,
                     use_cache=False, logits_to_keep=1)
-        hidden = torch.stack(out.hidden_states[1:]).float()  # (L, B, T, H)
-        m = mask.to(hidden.dtype)[None, :, :, None]
-        mean = (hidden * m).sum(2) / m.sum(2)
-        last = hidden[:, torch.arange(len(seqs)), last_positions(mask)]
-        mine.append([torch.nn.functional.cosine_similarity(h[:, 0::2], h[:, 1::2], dim=-1)
-                     .T.double().cpu().numpy() for h in (mean, last)])  # (pairs, L) each
+        mine.append(_pair_cosines(torch.stack(out.hidden_states[1:]), mask))
     done = gather_in_order(mine, len(chunks), ctx)
     return {"hidden-mean": np.concatenate([d[0] for d in done]),
             "hidden-last": np.concatenate([d[1] for d in done])}
+
+
+def _pair_cosines(hidden: torch.Tensor, mask: torch.Tensor) -> list[np.ndarray]:
+    """(mean-pooled, last-token) cosines of batch rows 2k and 2k+1, (pairs, L) each, from
+    hidden states (L, B, T, H) and the batch's attention mask."""
+    from ..activation.metric import last_positions
+
+    hidden = hidden.float()
+    m = mask.to(hidden.dtype)[None, :, :, None]
+    mean = (hidden * m).sum(2) / m.sum(2)
+    last = hidden[:, torch.arange(hidden.shape[1]), last_positions(mask)]
+    return [torch.nn.functional.cosine_similarity(h[:, 0::2], h[:, 1::2], dim=-1)
+            .T.double().cpu().numpy() for h in (mean, last)]
+
+
+@torch.no_grad()
+def hidden_state_similarity_streamed(sm, pairs: list[tuple[list[int], list[int]]],
+                                     batch_size: int = 16, group: int = 8
+                                     ) -> dict[str, np.ndarray]:
+    """``hidden_state_similarity`` with one decoder layer in memory: ``group`` batches go
+    through each layer together; each layer's output gives that layer's cosines at once, and
+    the last layer's state is what the model's own code returns above the layers (after the
+    final norm where the model applies it)."""
+    from ..activation.metric import pad_batch
+    from ..models.streamed import call_layer
+
+    pad = sm.tokenizer.pad_token_id if sm.tokenizer.pad_token_id is not None else 0
+    half = max(1, batch_size // 2)
+    chunks = [pairs[s:s + half] for s in range(0, len(pairs), half)]
+    n = sm.num_layers
+    mean, last = [], []
+    for g in range(0, len(chunks), group):
+        batches = [pad_batch([x for pair in c for x in pair], pad) for c in chunks[g:g + group]]
+        caught = [sm.capture(input_ids=ids, attention_mask=mask) for ids, mask in batches]
+        hidden = [h for h, _ in caught]
+        per = [[] for _ in batches]  # per batch: [(mean, last) per layer]
+        tuple_out = False
+        for i in range(n):
+            layer = sm.load_layer(i)
+            for b, (_, calls) in enumerate(caught):
+                hidden[b], tuple_out = call_layer(layer, hidden[b], calls[i])
+                if i < n - 1:
+                    per[b].append(_pair_cosines(hidden[b][None], batches[b][1]))
+            sm.free_layer(i)
+        for b, (ids, mask) in enumerate(batches):
+            with sm.head(hidden[b], tuple_out) as model:
+                out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True,
+                            use_cache=False, logits_to_keep=1)
+            per[b].append(_pair_cosines(out.hidden_states[-1][None], mask))
+            mean.append(np.concatenate([m for m, _ in per[b]], axis=1))
+            last.append(np.concatenate([x for _, x in per[b]], axis=1))
+    return {"hidden-mean": np.concatenate(mean), "hidden-last": np.concatenate(last)}
 
 
 # --------------------------------------------------------------------------- the run
@@ -272,7 +319,11 @@ def run_sts(lm: LoadedModel, pairs: Pairs, max_tokens: int = 128, pairs_per_batc
     sims = pair_similarity(lm, encoded, pairs_per_batch, objective, progress, desc="sts pairs")
     t_act = time.perf_counter() - start
     start = time.perf_counter()
-    base = hidden_state_similarity(lm, encoded, 2 * pairs_per_batch)
+    from ..models.streamed import StreamedModel
+
+    baseline = (hidden_state_similarity_streamed if isinstance(lm, StreamedModel) else
+                hidden_state_similarity)
+    base = baseline(lm, encoded, 2 * pairs_per_batch)
     t_base = time.perf_counter() - start
     return sts_statistics(sims.layer, sims.matrix, base, pairs.scores, n_resamples, seed, level,
                           extra=dict(

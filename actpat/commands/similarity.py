@@ -9,7 +9,7 @@ RUN/similarity_median.png.
 
 from __future__ import annotations
 
-from .common import add_common
+from .common import add_common, add_stream_arguments
 from ..errors import UserError
 
 HELP = "per-layer similarity of activation patterns of sample pairs, within or across datasets"
@@ -30,6 +30,7 @@ def add_arguments(p) -> None:
     p.add_argument("--template", default=None, help="e.g. 'Q: {question}\\nA:' for a .jsonl file")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    add_stream_arguments(p)
     add_common(p)
 
 

@@ -6,7 +6,7 @@ hidden-state baselines).
 
 from __future__ import annotations
 
-from .common import add_common
+from .common import add_common, add_stream_arguments
 from ..errors import UserError
 
 HELP = "Spearman correlation of per-layer pattern similarity with STS-B/SICK scores, with baselines"
@@ -28,6 +28,7 @@ def add_arguments(p) -> None:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    add_stream_arguments(p)
     add_common(p)
 
 
