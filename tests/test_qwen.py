@@ -9,7 +9,8 @@ so k and v are 128 x 896), biases on q/k/v, an output matrix stored apart from t
    layers and float64 on the first two (where it is exact: the float32 gap is rounding);
 2. ``actpat prune --save`` (Wanda) reloads with ``AutoModelForCausalLM.from_pretrained`` and
    gives the logits of the dense model with the saved mask applied (Wanda never updates kept
-   weights), with the sparsity the run reports;
+   weights), with the sparsity the run reports; the layer-streamed engine gives the same
+   profile, perplexity and pruned tensors as the in-memory one;
 3. the dequantised GGUF cache is written once and read, untouched, on the second load;
 4. one smoke run per command at tiny sizes, each asserting on its output.
 
@@ -380,6 +381,39 @@ def test_batched_metric_is_exact_in_float64(dense):
         free()
 
 
+def test_streamed_profile_and_perplexity_equal_in_memory(dense, gguf, tmp_path):
+    """The layer-streamed engine (one decoder layer in memory) on this family: the same maps
+    (relative Frobenius error <= 1e-6 per matrix, float32, padded batches of 3) and the same
+    perplexity as the in-memory engine, from the same GGUF."""
+    from actpat.activation.profiling import Profile, compute_profile
+    from actpat.activation.streaming import profile_streamed
+    from actpat.evaluation.evaluate import load_corpus, perplexity, text_corpus
+    from actpat.evaluation.streamed import perplexity_streamed
+    from actpat.models.streamed import open_streamed
+
+    lm = dense.get()
+    seqs = [lm.tokenizer(t)["input_ids"] for t in TEXTS]
+    ref = compute_profile(lm, seqs, 3, progress=False).maps
+    sm = open_streamed(gguf)
+    assert sm.num_layers == LAYERS
+    profile_streamed(sm, seqs, tmp_path, "key", 3, progress=False).save(tmp_path)
+    got = Profile.load(tmp_path).maps
+    assert list(got) == list(ref) and len(got) == LAYERS * len(MATRICES)
+    worst = max(float((got[k] - ref[k]).norm() / ref[k].norm()) for k in ref)
+    assert worst <= 1e-6, f"streamed profile: relative Frobenius error {worst:.2e}"
+    del ref, got
+    free()
+    corpus = (load_corpus(lm.tokenizer, "wikitext2", DATA_DIR) if has_data("wikitext2") else
+              text_corpus(lm.tokenizer, "code", "\n".join(TEXTS * 20), "TEXTS"))
+    a = perplexity(lm.model, corpus, 64, 6, 3)
+    b = perplexity_streamed(sm, corpus, 64, 6, 3, group=4)
+    assert a["windows"] == b["windows"] == 6
+    assert b["ppl"] == pytest.approx(a["ppl"], rel=1e-5)
+    assert b["streamed"]["layer_loads"] == 2 * LAYERS  # windows in groups of 4: two walks
+    del sm
+    free()
+
+
 # --------------------------------------------------------------------------- 2. save / reload
 
 CALIB = ["--calibration", CORPUS, "--calibration-samples", "4", "--seq-len", "32",
@@ -434,6 +468,19 @@ def test_wanda_checkpoint_reloads_with_transformers(dense, gguf, work, capsys):
     dense.lm = None  # pruned now; no later test may take it for the dense model
     del lm, model, reloaded, dense_params, got, want
     free()
+    # the layer-streamed prune (one layer read, pruned and written at a time): the same tensors
+    streamed = work / "prune-wanda-streamed"
+    cli(capsys, "prune", "--model", gguf, "--pruner", "wanda", "--sparsity", "0.5", *CALIB,
+        "--save", streamed, "--stream-layers", *SIZES)
+    mine = dict(scored_tensors(save))
+    theirs = dict(scored_tensors(streamed))
+    assert list(sorted(theirs)) == list(sorted(mine)) and len(mine) == LAYERS * len(MATRICES)
+    assert all(torch.equal(theirs[k], mine[k]) for k in mine), "streamed prune differs"
+    del mine, theirs
+    free()
+    import shutil
+
+    shutil.rmtree(streamed)
     (save / "model.safetensors").unlink()  # 2.5 GB; the record stays for the report
 
 
