@@ -2,7 +2,7 @@
 
     python benchmarks/stream_big.py make DIR [--layers 32] [--hidden 4096] [--intermediate 11008]
     python benchmarks/stream_big.py rss DIR_PREFIX           # peak RSS vs number of layers
-    python benchmarks/stream_big.py smollm2                  # streamed vs in-memory time
+    python benchmarks/stream_big.py engines [--model M]      # streamed vs in-memory time
 
 ``make`` writes a Llama-style checkpoint (Llama-2-7B dimensions by default: hidden 4096, 32
 layers, intermediate 11008, 32 heads; SmolLM2's tokenizer and vocabulary of 49152) with random
@@ -133,8 +133,9 @@ def rss(prefix: Path, data_dir: str, layer_counts=(4, 8, 16), hidden: int = 1024
     print(json.dumps(rows, indent=2))
 
 
-def smollm2(data_dir: str | None, samples: int = 8, seq_len: int = 128, batch: int = 4) -> None:
-    """Time per sample of the in-memory and the streamed profile of SmolLM2, one process
+def engines(model: str, data_dir: str | None, samples: int = 8, seq_len: int = 128,
+            batch: int = 4) -> None:
+    """Time per sample of the in-memory and the streamed profile of ``model``, one process
     (c4 windows from ``data_dir``; without it the packaged prose probes, shorter texts)."""
     from actpat.activation.profiling import compute_profile
     from actpat.activation.streaming import profile_streamed
@@ -144,7 +145,7 @@ def smollm2(data_dir: str | None, samples: int = 8, seq_len: int = 128, batch: i
     import tempfile
 
     torch.set_num_threads(1)
-    lm = load_model("smollm2-135m")
+    lm = load_model(model)
     dataset = "c4" if data_dir else str(ROOT / "actpat/probes/prose.txt")
     seqs = sample_sequences(lm.tokenizer, dataset, samples, seq_len, 0,
                             data_dir=data_dir).sequences
@@ -153,7 +154,7 @@ def smollm2(data_dir: str | None, samples: int = 8, seq_len: int = 128, batch: i
     ref = compute_profile(lm, seqs, batch, progress=False)
     mem_s = time.perf_counter() - t
     del lm
-    sm = open_streamed("smollm2-135m")
+    sm = open_streamed(model)
     with tempfile.TemporaryDirectory() as run:
         t = time.perf_counter()
         prof = profile_streamed(sm, seqs, run, "bench", batch, progress=False)
@@ -165,7 +166,7 @@ def smollm2(data_dir: str | None, samples: int = 8, seq_len: int = 128, batch: i
     err = max(float((got.maps[k] - ref.maps[k]).norm() / ref.maps[k].norm()) for k in ref.maps)
     s = prof.meta["streamed"]
     batches = -(-samples // batch)
-    print(json.dumps({"samples": samples, "seq_len": seq_len, "batch": batch, "dataset": dataset,
+    print(json.dumps({"model": model, "samples": samples, "seq_len": seq_len, "batch": batch, "dataset": dataset,
                       "tokens": sum(len(x) for x in seqs),
                       "in_memory_s_per_sample": round(mem_s / samples, 3),
                       "streamed_s_per_sample": round(st_s / samples, 3),
@@ -190,7 +191,8 @@ def main() -> None:
     r.add_argument("prefix")
     r.add_argument("--data-dir", required=True, help="folder with c4/ and wikitext2/")
     r.add_argument("--layers", default="4,8,16", help="layer counts, e.g. 4,16")
-    b = sub.add_parser("smollm2")
+    b = sub.add_parser("engines", aliases=["smollm2"])
+    b.add_argument("--model", default="smollm2-135m")
     b.add_argument("--data-dir", default=None, help="folder with c4/ (default: packaged text)")
     a = p.parse_args()
     if a.cmd == "make":
@@ -198,7 +200,7 @@ def main() -> None:
     elif a.cmd == "rss":
         rss(Path(a.prefix), a.data_dir, tuple(int(x) for x in a.layers.split(",")))
     else:
-        smollm2(a.data_dir)
+        engines(a.model, a.data_dir)
 
 
 if __name__ == "__main__":
