@@ -277,7 +277,7 @@ def hidden_state_similarity_streamed(sm, pairs: list[tuple[list[int], list[int]]
     the last layer's state is what the model's own code returns above the layers (after the
     final norm where the model applies it)."""
     from ..activation.metric import pad_batch
-    from ..models.streamed import call_layer
+    from ..models.streamed import run_layers
 
     pad = sm.tokenizer.pad_token_id if sm.tokenizer.pad_token_id is not None else 0
     half = max(1, batch_size // 2)
@@ -286,17 +286,14 @@ def hidden_state_similarity_streamed(sm, pairs: list[tuple[list[int], list[int]]
     mean, last = [], []
     for g in range(0, len(chunks), group):
         batches = [pad_batch([x for pair in c for x in pair], pad) for c in chunks[g:g + group]]
-        caught = [sm.capture(input_ids=ids, attention_mask=mask) for ids, mask in batches]
-        hidden = [h for h, _ in caught]
         per = [[] for _ in batches]  # per batch: [(mean, last) per layer]
-        tuple_out = False
-        for i in range(n):
-            layer = sm.load_layer(i)
-            for b, (_, calls) in enumerate(caught):
-                hidden[b], tuple_out = call_layer(layer, hidden[b], calls[i])
-                if i < n - 1:
-                    per[b].append(_pair_cosines(hidden[b][None], batches[b][1]))
-            sm.free_layer(i)
+
+        def each(i, b, h):
+            if i < n - 1:  # the last layer's state comes from the model's own code below
+                per[b].append(_pair_cosines(h[None], batches[b][1]))
+
+        hidden, tuple_out = run_layers(sm, [{"input_ids": ids, "attention_mask": mask}
+                                            for ids, mask in batches], each)
         for b, (ids, mask) in enumerate(batches):
             with sm.head(hidden[b], tuple_out) as model:
                 out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True,

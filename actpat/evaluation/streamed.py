@@ -24,25 +24,9 @@ import time
 
 import torch
 
-from ..models.streamed import StreamedModel, call_layer
+from ..models.streamed import StreamedModel, run_layers
 from ..data.datasets import window_start
 from .evaluate import Corpus, perplexity_windows, prepare_tasks, run_tasks
-
-
-@torch.no_grad()
-def final_hidden_states(sm: StreamedModel, batches: list[torch.Tensor]
-                        ) -> tuple[list[torch.Tensor], bool]:
-    """Each batch's last-layer output (and whether layers return tuples), every decoder layer
-    read once for all ``batches``."""
-    caught = [sm.capture(input_ids=x) for x in batches]
-    hidden = [h for h, _ in caught]
-    tuple_out = False
-    for i in range(sm.num_layers):
-        layer = sm.load_layer(i)
-        for b, (_, calls) in enumerate(caught):
-            hidden[b], tuple_out = call_layer(layer, hidden[b], calls[i])
-        sm.free_layer(i)
-    return hidden, tuple_out
 
 
 @torch.no_grad()
@@ -61,7 +45,7 @@ def window_nll_streamed(sm: StreamedModel, ids: torch.Tensor, seq_len: int,
     for g in range(0, n, group):
         batches = [windows[i:min(i + batch_size, g + group, n)]
                    for i in range(g, min(g + group, n), batch_size)]
-        hidden, tuple_out = final_hidden_states(sm, batches)
+        hidden, tuple_out = run_layers(sm, [{"input_ids": x} for x in batches])
         for x, h in zip(batches, hidden):
             with sm.head(h, tuple_out) as model:
                 logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
@@ -117,7 +101,7 @@ def loglikelihoods_streamed(sm: StreamedModel, pairs: list[tuple[list[int], list
             for r, i in enumerate(idx):
                 x[r, :len(rows[i])] = torch.tensor(rows[i])
             batches.append(x)
-        hidden, tuple_out = final_hidden_states(sm, batches)
+        hidden, tuple_out = run_layers(sm, [{"input_ids": x} for x in batches])
         for idx, x, h in zip(members, batches, hidden):
             with sm.head(h, tuple_out) as model:
                 logp = torch.log_softmax(model(input_ids=x, use_cache=False).logits.float(), -1)

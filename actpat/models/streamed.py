@@ -295,6 +295,25 @@ def call_layer(layer: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict])
     return out, False
 
 
+@torch.no_grad()
+def run_layers(sm: "StreamedModel", inputs: list[dict], each=None
+               ) -> tuple[list[torch.Tensor], bool]:
+    """Each batch's last-layer output (and whether layers return tuples), every decoder layer
+    read once for all batches; ``inputs``: the model's keyword inputs per batch; ``each(i, b,
+    hidden)``, if given, sees batch b's output of layer i."""
+    caught = [sm.capture(**x) for x in inputs]
+    hidden = [h for h, _ in caught]
+    tuple_out = False
+    for i in range(sm.num_layers):
+        layer = sm.load_layer(i)
+        for b, (_, calls) in enumerate(caught):
+            hidden[b], tuple_out = call_layer(layer, hidden[b], calls[i])
+            if each is not None:
+                each(i, b, hidden[b])
+        sm.free_layer(i)
+    return hidden, tuple_out
+
+
 def open_streamed(spec: str, dtype: str | torch.dtype = "float32",
                   trust_remote_code: bool = False) -> StreamedModel:
     """The model of ``spec`` with only its non-layer parameters in memory (see module doc)."""
