@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from actpat.errors import UserError
-from actpat.activation.profiling import Profile, counts, threshold
+from actpat.activation.profiling import Profile, _gather, counts, threshold
 
 
 def make_profile(seed=0, layers=3):
@@ -39,6 +39,19 @@ def test_gamma_quantile_puts_that_share_above(q):
     assert abs(share - q) <= 1.0 / values.size + 1e-9
     assert rule == f"quantile={q}"
     assert sum(counts(prof, gamma_quantile=q).layer_counts) == int((values > g).sum())
+
+
+def test_sampled_quantile_gathers_without_concatenating():
+    """Large models estimate gamma on 5e7 sampled weights; the sample is gathered tensor by
+    tensor (no whole copy of the maps) and is the same multiset as indexing the concatenation,
+    so the estimated gamma of earlier results is unchanged."""
+    g = torch.Generator().manual_seed(3)
+    flats = [torch.rand(n, generator=g) for n in (7, 1, 30, 2, 64, 5)]
+    index = torch.randint(109, (1000,), generator=g)
+    direct = torch.cat(flats)[index]
+    gathered = _gather(flats, index)
+    assert torch.equal(direct.sort().values, gathered.sort().values)
+    assert direct.kthvalue(800).values == gathered.kthvalue(800).values
 
 
 def test_gamma_arguments_are_checked():

@@ -168,7 +168,7 @@ def compute_profile(
         all_reduce_sums(acc.sums, ctx)
         acc.count = int(all_reduce_number(acc.count, ctx))
         tokens = int(all_reduce_number(tokens, ctx))
-    means = acc.mean()
+    means = acc.take_mean()  # in place: the run's peak stays the batches' peak
     maps = {m.name: means[m.name] for m in mats}  # model order (the backward pass runs reversed)
     for name, t in maps.items():
         if not torch.isfinite(t).all():
@@ -296,15 +296,30 @@ def threshold(profile: Profile, gamma: float | None = None,
         return float(gamma), "absolute"
     if not 0 < gamma_quantile < 1:
         raise UserError(f"--gamma-quantile must be in (0, 1) (got {gamma_quantile})")
-    values = torch.cat([v.flatten() for v in profile.maps.values()])
     rule = f"quantile={gamma_quantile}"
-    if values.numel() > 200_000_000:  # estimate on a fixed subsample for very large models
+    flats = [v.reshape(-1) for v in profile.maps.values()]
+    total = sum(f.numel() for f in flats)
+    if total > 200_000_000:  # estimate on a fixed subsample for very large models
         gen = torch.Generator().manual_seed(0)
-        values = values[torch.randint(values.numel(), (50_000_000,), generator=gen)]
+        values = _gather(flats, torch.randint(total, (50_000_000,), generator=gen))
         rule += " (estimated on 5e7 sampled weights)"
+    else:
+        values = torch.cat(flats)
     k = values.numel() - int(round(gamma_quantile * values.numel()))
     k = min(max(k, 1), values.numel())
     return float(values.kthvalue(k).values), rule
+
+
+def _gather(flats: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+    """``torch.cat(flats)[index]`` as a multiset (in tensor order), without forming the
+    concatenation: the maps of a large model are never copied whole."""
+    ends = torch.tensor([f.numel() for f in flats]).cumsum(0)
+    which = torch.bucketize(index, ends, right=True)  # the tensor each global index falls in
+    parts = []
+    for t, f in enumerate(flats):
+        local = index[which == t] - (ends[t - 1] if t else 0)
+        parts.append(f[local])
+    return torch.cat(parts)
 
 
 def counts(profile: Profile, gamma: float | None = None,

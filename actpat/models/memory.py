@@ -1,11 +1,16 @@
 """Memory budgets: parse sizes, measure peak memory, pick a batch size, survive out-of-memory.
 
-``--batch-size auto`` scores a first batch of 1 sample and a second of 2 while measuring the
-peak memory of each (peak RSS on CPU through ``/proc/self/clear_refs``; the allocator's peak on
-CUDA), fits ``peak = fixed + per_sample * B`` and from then on uses the largest B whose
-predicted peak stays inside the budget (``--max-memory``; default: 70 % of the available RAM
-on CPU, 85 % of the free memory of the GPU). Those probe batches are ordinary batches: their
-samples count.
+``--batch-size auto`` scores a warm-up batch of 1 sample, then probe batches of 1 and 2 while
+measuring the process' peak memory in each (peak RSS on CPU through ``/proc/self/clear_refs``;
+the allocator's peak on CUDA). The warm-up pays the one-off costs (a memory-mapped model paged
+in, the float32 sums of the maps allocated), so the probes see the steady state. The fit is on
+the probes' absolute peaks, ``peak = base + per_sample * B``: memory freed after a batch but kept
+by the allocator is reused by the next one, so an absolute peak neither double-counts it nor
+misses it, where a peak measured from the memory held before the batch would. From then on the
+largest B whose predicted peak stays inside the budget is used (``--max-memory``; default: 70 %
+of the available RAM on CPU, 85 % of the free memory of the GPU). The warm-up and probe batches
+are ordinary batches: their samples count. The loop's callers keep the end of the run inside
+the same peak (the mean maps are formed in place of the sums).
 
 Whatever the batch size, an out-of-memory error while scoring a batch (``torch.OutOfMemoryError``,
 ``MemoryError``, or a ``RuntimeError`` saying the allocator failed) is caught by the caller
@@ -124,7 +129,7 @@ def release(device: torch.device | str) -> None:
 
 @dataclass
 class BatchPlanner:
-    """Batch sizes for the sample loop: fixed, or ``auto`` from two measured probe batches.
+    """Batch sizes for the sample loop: fixed, or ``auto`` from a warm-up and two measured probe batches.
 
     ``next_size(remaining)`` is the size of the next batch; ``observe(size, before, peak)``
     records one scored batch's memory; ``shrink(size)`` caps later batches after an OOM.
@@ -133,6 +138,7 @@ class BatchPlanner:
     requested: int | str = 4  # an int, or "auto"
     budget: int | None = None  # bytes the process' peak may reach (auto only)
     max_batch: int = 64
+    warmup: tuple[int, int, int] | None = None  # (size, before, peak) of the warm-up batch
     probes: list[tuple[int, int, int]] = field(default_factory=list)  # (size, before, peak)
     chosen: int | None = None
     cap: int | None = None  # after an OOM
@@ -149,8 +155,8 @@ class BatchPlanner:
         return self.chosen is None
 
     def next_size(self, remaining: int) -> int:
-        if self.chosen is None:  # probe batches: 1, then 2
-            size = 1 if not self.probes else 2
+        if self.chosen is None:  # warm-up 1, probes 1 then 2
+            size = 2 if self.warmup is not None and self.probes else 1
         else:
             size = self.chosen
         if self.cap is not None:
@@ -160,26 +166,35 @@ class BatchPlanner:
     def observe(self, size: int, before: int, peak: int) -> None:
         if self.chosen is not None:
             return
+        if self.warmup is None:
+            self.warmup = (size, before, peak)
+            return
         self.probes.append((size, before, peak))
         sizes = {s for s, _, _ in self.probes}
         if len(sizes) >= 2 or len(self.probes) >= 3:
             self.chosen = self.fit()
 
     def fit(self) -> int:
-        """Largest B with before + fixed + per_sample * B <= budget (at least 1)."""
-        (s1, b1, p1), (s2, b2, p2) = self.probes[0], self.probes[-1]
-        t1, t2 = max(p1 - b1, 0), max(p2 - b2, 0)  # transient memory of each probe batch
-        per_sample = (t2 - t1) / (s2 - s1) if s2 != s1 else t2 / max(s2, 1)
+        """Largest B with base + per_sample * B <= budget (at least 1), fitted on the probes'
+        absolute peaks."""
+        (s1, _, p1), (s2, b2, p2) = self.probes[0], self.probes[-1]
+        t2 = max(p2 - b2, 0)  # what the second probe added on top of what was held before it
+        per_sample = (p2 - p1) / (s2 - s1) if s2 != s1 else t2 / max(s2, 1)
         per_sample = max(per_sample, t2 / (2 * s2), 1.0)  # noise guard: never below half the mean
-        fixed = max(t2 - per_sample * s2, 0)
-        self.per_sample, self.fixed = per_sample, fixed
-        budget = self.budget if self.budget is not None else b2 + t2 * 8
-        room = budget - b2 - fixed
-        size = int(room // per_sample)
+        base = max(p2 - per_sample * s2, 0)
+        self.per_sample, self.base = per_sample, base
+        budget = self.budget if self.budget is not None else p2 + t2 * 8
+        size = int((budget - base) // per_sample)
         size = max(1, min(size, self.max_batch))
         if self.cap is not None:
             size = min(size, self.cap)
         return size
+
+    def predicted_peak(self, size: int) -> int | None:
+        """The fitted peak at ``size`` (None before the fit)."""
+        if getattr(self, "per_sample", None) is None:
+            return None
+        return int(self.base + self.per_sample * size)
 
     def shrink(self, size: int) -> None:
         """After an OOM at ``size``: later batches use at most half of it."""
@@ -190,9 +205,10 @@ class BatchPlanner:
     def describe(self) -> dict:
         out = {"requested": self.requested, "chosen": self.chosen}
         if self.requested == "auto":
-            out.update(budget_bytes=self.budget, probes=self.probes,
+            out.update(budget_bytes=self.budget, warmup=self.warmup, probes=self.probes,
                        per_sample_bytes=getattr(self, "per_sample", None),
-                       fixed_bytes=getattr(self, "fixed", None))
+                       base_bytes=getattr(self, "base", None),
+                       predicted_peak_bytes=self.predicted_peak(self.chosen or 1))
         if self.cap is not None:
             out["capped_after_oom"] = self.cap
         return out
