@@ -183,7 +183,7 @@ def main() -> None:
     if "dense" in steps:
         step("dense", lambda: {"dtype": args.dtype, "ppl": ppl(lm.model)})
     # unstructured Wanda removing as many weights as k layers
-    wanda_models: dict[float, tuple] = {}  # kept for the zero-shot step of the same run
+    wanda_models: dict[float, tuple] = {}  # the Wanda model being evaluated
 
     def wanda_model(s):
         if s not in wanda_models:
@@ -200,6 +200,9 @@ def main() -> None:
             model, achieved = wanda_model(s)
             return {"sparsity": s, "achieved": achieved, "dtype": args.dtype, "ppl": ppl(model)}
         step(f"wanda-uniform-{s}", wanda)
+        # hold at most one pruned copy (a float32 copy of a 0.5B model is 2.5 GB); the
+        # zero-shot step prunes again, which costs one calibration pass
+        wanda_models.pop(s, None)
 
     # zero-shot: one JSON per model, zeroshot-<name of its perplexity step>.json
     if "zeroshot" in steps:
